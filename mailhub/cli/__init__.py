@@ -1,0 +1,1 @@
+"""The command line: the edge where errors become messages without tracebacks."""

@@ -1,0 +1,79 @@
+"""Runs OpenPGP and S/MIME work in worker processes, off the event loop and past the GIL.
+
+gpg is a process of its own, but building MIME and S/MIME in Python holds the GIL, so the
+listeners would stall if it ran in threads. Jobs are plain, picklable data; the worker parses the
+message, protects it and returns the bytes to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+
+from mailhub.errors import CryptoError
+
+
+@dataclass(frozen=True)
+class ProtectJob:
+    method: str  # "openpgp" | "smime"
+    gnupghome: str = ""
+    signer_fpr: str = ""
+    recipient_fprs: tuple[str, ...] = ()
+    signer_key_pem: bytes = b""
+    signer_cert_pem: bytes = b""
+    recipient_cert_pems: tuple[bytes, ...] = ()
+    autocrypt_header: str = ""
+
+
+def parse(raw: bytes) -> EmailMessage:
+    return message_from_bytes(raw, policy=policy.SMTP)  # type: ignore[return-value]
+
+
+def protect_bytes(raw: bytes, job: ProtectJob) -> bytes:
+    """Sign and encrypt one message (runs in a worker process)."""
+    msg = parse(raw)
+    if job.method == "openpgp":
+        from mailhub.crypto.pgpmime import encrypt_message
+
+        out = encrypt_message(msg, gnupghome=job.gnupghome, recipients=list(job.recipient_fprs),
+                              signer=job.signer_fpr,
+                              autocrypt_header=job.autocrypt_header or None)
+    elif job.method == "smime":
+        from mailhub.crypto.smime import sign_encrypt_bytes
+
+        return sign_encrypt_bytes(raw, job.signer_key_pem, job.signer_cert_pem,
+                                  list(job.recipient_cert_pems))
+    else:
+        raise CryptoError(f"unknown protection method {job.method!r}")
+    return out.as_bytes(policy=policy.SMTP)
+
+
+class CryptoEngine:
+    """A process pool for protect jobs; ``workers=0`` runs inline (tests, one-shot commands)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self._pool = ProcessPoolExecutor(max_workers=workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
+
+    async def protect(self, raw: bytes, job: ProtectJob) -> bytes:
+        if self._pool is None:
+            return await asyncio.to_thread(protect_bytes, raw, job)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, protect_bytes, raw, job)
+
+    def protect_sync(self, raw: bytes, job: ProtectJob) -> bytes:
+        if self._pool is None:
+            return protect_bytes(raw, job)
+        return self._pool.submit(protect_bytes, raw, job).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,208 @@
+"""Outbound PGP/MIME (RFC 3156): signed-and-encrypted mail with protected headers, signed mail.
+
+``encrypt_message`` puts the whole message, with its real Subject/From/To/Cc/Date/Message-ID
+(the "protected-headers=v1" convention of Thunderbird and draft-autocrypt-lamps-protected-headers),
+inside one OpenPGP message that is signed and encrypted in a single gpg pass (RFC 3156 §6.2).
+The outer message keeps only what transport and threading need; its Subject is
+``ENCRYPTED_SUBJECT`` so the real one never leaves the ciphertext.
+
+``sign_message`` builds multipart/signed (RFC 3156 §5) for recipients allowed plaintext: the
+signed part is made 7bit-safe and signed in the canonical CRLF form, and it is built so that
+serialising the result reproduces exactly the signed bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import quopri
+import re
+import secrets
+from email import policy
+from email.generator import BytesGenerator
+from email.message import EmailMessage, Message, MIMEPart
+from email.parser import BytesParser
+
+from mailhub.crypto.autocrypt import unfold
+from mailhub.crypto.openpgp_ops import detached_signature, sign_encrypt
+
+ENCRYPTED_SUBJECT = "..."
+ENCRYPTED_PREAMBLE = "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)"
+SIGNED_PREAMBLE = "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)"
+# Headers the encrypted inner part carries (and that the recipient's client shows from there).
+PROTECTED = ("subject", "from", "to", "cc", "reply-to", "date", "message-id", "in-reply-to",
+             "references")
+# Headers the outer, visible message keeps: addressing, threading, trace, loop prevention.
+OUTER_KEEP = ("from", "to", "cc", "reply-to", "date", "message-id", "in-reply-to", "references",
+              "received", "return-path", "auto-submitted")
+# Never sent: Bcc would disclose blind recipients; the client's own Autocrypt/OpenPGP headers
+# would advertise the coordinator's personal key instead of the hub's; our own trust header.
+DROPPED = ("bcc", "resent-bcc", "autocrypt", "autocrypt-gossip", "openpgp", "mailhub-protection",
+           "mime-version")
+_FLAT = policy.SMTP  # CRLF, 8bit allowed inside the ciphertext
+
+
+def _flatten(part: Message) -> bytes:
+    buf = io.BytesIO()
+    BytesGenerator(buf, mangle_from_=False, policy=_FLAT).flatten(part)
+    return buf.getvalue()
+
+
+def _boundary() -> str:
+    return f"mh-{secrets.token_hex(16)}"
+
+
+def _share_content(src: Message, dst: Message, *, deep: bool = False) -> None:
+    """Give ``dst`` the body of ``src`` (the same objects, or copies when ``deep``)."""
+    payload = src.get_payload()
+    dst.set_payload(copy.deepcopy(payload) if deep and isinstance(payload, list) else payload)
+    dst.preamble = src.preamble
+    dst.epilogue = src.epilogue
+    dst.set_default_type(src.get_default_type())
+
+
+def _inner_entity(msg: Message) -> MIMEPart:
+    """The part to encrypt: the content plus the protected (and all other private) headers."""
+    inner = MIMEPart(policy=policy.default)
+    for name, value in msg.items():
+        if name.lower() not in DROPPED:
+            inner[name] = value
+    _share_content(msg, inner)
+    inner.set_param("protected-headers", "v1")
+    return inner
+
+
+def _outer_headers(msg: Message, *, keep: tuple[str, ...] | None,
+                   subject: str | None) -> EmailMessage:
+    outer = EmailMessage(policy=policy.default)
+    seen_subject = False
+    for name, value in msg.items():
+        lname = name.lower()
+        if lname == "subject" and subject is not None:
+            if not seen_subject:
+                outer["Subject"] = subject
+            seen_subject = True
+        elif lname in DROPPED or lname.startswith("content-"):
+            continue
+        elif keep is None or lname in keep:
+            outer[name] = value
+    if subject is not None and not seen_subject:
+        outer["Subject"] = subject
+    outer["MIME-Version"] = "1.0"
+    return outer
+
+
+def _add_autocrypt(outer: EmailMessage, autocrypt_header: str | None) -> None:
+    if autocrypt_header:
+        outer["Autocrypt"] = unfold(autocrypt_header)
+
+
+def encrypt_message(msg: Message, *, gnupghome: str, recipients: list[str], signer: str,
+                    autocrypt_header: str | None = None,
+                    passphrase: str | None = None) -> EmailMessage:
+    """Sign and encrypt ``msg`` to ``recipients`` (fingerprints) as RFC 3156 PGP/MIME."""
+    armored = sign_encrypt(gnupghome, _flatten(_inner_entity(msg)), recipients, signer,
+                           passphrase=passphrase)
+    outer = _outer_headers(msg, keep=OUTER_KEEP, subject=ENCRYPTED_SUBJECT)
+    _add_autocrypt(outer, autocrypt_header)
+
+    version = MIMEPart(policy=policy.default)
+    version["Content-Type"] = "application/pgp-encrypted"
+    version["Content-Description"] = "PGP/MIME version identification"
+    version.set_payload("Version: 1\r\n")
+    body = MIMEPart(policy=policy.default)
+    body["Content-Type"] = 'application/octet-stream; name="encrypted.asc"'
+    body["Content-Description"] = "OpenPGP encrypted message"
+    body["Content-Disposition"] = 'inline; filename="encrypted.asc"'
+    body["Content-Transfer-Encoding"] = "7bit"
+    body.set_payload(armored.decode("ascii"))
+
+    outer["Content-Type"] = (f'multipart/encrypted; protocol="application/pgp-encrypted"; '
+                             f'boundary="{_boundary()}"')
+    outer.set_payload([version, body])
+    outer.preamble = ENCRYPTED_PREAMBLE
+    return outer
+
+
+# -- multipart/signed ---------------------------------------------------------------------
+
+_TRAILING_WS = re.compile(rb"[ \t]\r?$", re.MULTILINE)
+_FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
+
+
+def _clean_7bit(raw: bytes, *, text: bool) -> bool:
+    """True when the bytes survive any transport unchanged (so a signature stays valid)."""
+    if any(b > 126 or b == 0 for b in raw) or b"\r" in raw.replace(b"\r\n", b""):
+        return False
+    if any(len(line) > 76 for line in raw.splitlines()):
+        return False
+    return not (text and (_TRAILING_WS.search(raw) or _FROM_LINE.search(raw)))
+
+
+def _quoted_printable(raw: bytes) -> str:
+    lf = raw.replace(b"\r\n", b"\n")
+    encoded = quopri.encodestring(lf, quotetabs=False)
+    return _FROM_LINE.sub(b"=46rom ", encoded).decode("ascii")
+
+
+def make_7bit_safe(part: Message) -> None:
+    """Re-encode every leaf that is not transport-safe: text as quoted-printable, else base64."""
+    for leaf in part.walk():
+        cte = str(leaf.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if leaf.is_multipart():
+            if cte not in ("7bit", ""):
+                del leaf["Content-Transfer-Encoding"]
+            continue
+        if cte in ("base64", "quoted-printable"):
+            continue
+        raw = leaf.get_payload(decode=True) or b""
+        is_text = leaf.get_content_maintype() == "text"
+        if _clean_7bit(raw, text=is_text):
+            continue
+        if is_text:
+            leaf.set_payload(_quoted_printable(raw))
+            new_cte = "quoted-printable"
+        else:
+            leaf.set_payload(base64.encodebytes(raw).decode("ascii"))
+            new_cte = "base64"
+        del leaf["Content-Transfer-Encoding"]
+        leaf["Content-Transfer-Encoding"] = new_cte
+
+
+def _signed_entity(msg: Message) -> tuple[EmailMessage, bytes]:
+    """The content part to sign, and the exact bytes that serialising it will produce."""
+    content = MIMEPart(policy=policy.default)
+    for name, value in msg.items():
+        if name.lower().startswith("content-"):
+            content[name] = value
+    _share_content(msg, content, deep=True)
+    if not msg.is_multipart():
+        content.set_payload(msg.get_payload())
+    make_7bit_safe(content)
+    # Parse what we would send, and sign what that parse serialises to: a fixed point, so the
+    # bytes between the boundaries are exactly the signed bytes whoever serialises the result.
+    part = BytesParser(policy=policy.default).parsebytes(_flatten(content))
+    return part, _flatten(part)  # type: ignore[return-value]
+
+
+def sign_message(msg: Message, *, gnupghome: str, signer: str,
+                 autocrypt_header: str | None = None,
+                 passphrase: str | None = None) -> EmailMessage:
+    """A multipart/signed copy of ``msg`` (RFC 3156 §5); headers stay visible, Bcc is dropped."""
+    part, data = _signed_entity(msg)
+    sig = detached_signature(gnupghome, data, signer, passphrase=passphrase)
+    outer = _outer_headers(msg, keep=None, subject=None)
+    _add_autocrypt(outer, autocrypt_header)
+
+    sig_part = MIMEPart(policy=policy.default)
+    sig_part["Content-Type"] = 'application/pgp-signature; name="signature.asc"'
+    sig_part["Content-Description"] = "OpenPGP digital signature"
+    sig_part["Content-Disposition"] = 'attachment; filename="signature.asc"'
+    sig_part.set_payload(sig.armored.decode("ascii"))
+
+    outer["Content-Type"] = (f'multipart/signed; micalg="{sig.micalg}"; '
+                             f'protocol="application/pgp-signature"; boundary="{_boundary()}"')
+    outer.set_payload([part, sig_part])
+    outer.preamble = SIGNED_PREAMBLE
+    return outer

@@ -1,0 +1,283 @@
+"""Outbound S/MIME (RFC 8551): sign, then envelope, with the real headers protected inside.
+
+The shape is what Thunderbird, Outlook and Apple Mail read: application/pkcs7-mime
+(smime-type=enveloped-data) whose plaintext is a multipart/signed entity; the signed entity
+carries the real Subject/From/To/... (protected-headers="v1") and the outer Subject is "...".
+The MIME around the DER is built here by hand (base64 of the DER), which is much cheaper than
+cryptography's S/MIME text encoder. The *_bytes variants take PEM so a worker process can run
+them; parsed keys are cached per process.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.encoders
+import email.policy
+import functools
+import logging
+import quopri
+import secrets
+from collections.abc import Sequence
+from email.generator import BytesGenerator
+from email.message import EmailMessage
+from email.parser import BytesParser
+from io import BytesIO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from mailhub.crypto.certs import Identity, load_certs, load_identity
+from mailhub.errors import CryptoError
+
+log = logging.getLogger("mailhub.crypto")
+
+PROTECTED_SUBJECT = "..."
+CRLF = b"\r\n"
+# Headers that stay readable on the encrypted envelope (routing and threading need them).
+OUTER_KEEP = frozenset(
+    {"from", "sender", "to", "cc", "date", "message-id", "in-reply-to", "references",
+     "auto-submitted"}
+)
+# Headers that go nowhere: Bcc must not leak, trace fields describe the submission hop.
+DROP = frozenset({"bcc", "resent-bcc", "received", "return-path", "delivered-to", "x-original-to"})
+_SIGNED_OPTIONS = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
+
+Field = tuple[str, bytes]  # (lower-case name, the whole raw field including folds and CRLF)
+
+
+# --- raw MIME helpers (pure) --------------------------------------------------------------
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Canonical line ends: every line ends in CRLF (what is signed is canonical text)."""
+    return data.replace(CRLF, b"\n").replace(b"\n", CRLF)
+
+
+def split_message(raw: bytes) -> tuple[list[Field], bytes]:
+    """Header fields and body of a CRLF message; lines that are not fields are dropped."""
+    end = raw.find(b"\r\n\r\n")
+    if raw.startswith(CRLF):
+        head, body = b"", raw[2:]
+    elif end < 0:
+        head, body = raw, b""
+    else:
+        head, body = raw[: end + 2], raw[end + 4:]
+    fields: list[Field] = []
+    for line in head.split(CRLF)[:-1] if head.endswith(CRLF) else head.split(CRLF):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line + CRLF)
+        elif b":" in line and line[:1] not in (b" ", b"\t"):
+            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            fields.append((name, line + CRLF))
+    return fields, body
+
+
+def _is_content(name: str) -> bool:
+    return name.startswith("content-")
+
+
+def _field(name: str, value: str) -> Field:
+    return name.lower(), f"{name}: {value}".encode("ascii") + CRLF
+
+
+def _b64_body(der: bytes) -> bytes:
+    """Base64 in 76-character lines, CRLF line ends."""
+    text = base64.b64encode(der)
+    return CRLF.join([text[i : i + 76] for i in range(0, len(text), 76)]) + CRLF
+
+
+def _with_protected_param(content_fields: list[Field]) -> list[Field]:
+    """Mark the entity's Content-Type with protected-headers="v1" (RFC 9788 readers look)."""
+    out: list[Field] = []
+    seen_type = False
+    for name, raw in content_fields:
+        if name == "content-type":
+            seen_type = True
+            if b"protected-headers" not in raw.lower():
+                raw = raw[:-2].rstrip() + b'; protected-headers="v1"' + CRLF
+        out.append((name, raw))
+    if not seen_type:
+        out.insert(0, _field("Content-Type", 'text/plain; charset="us-ascii"; protected-headers="v1"'))
+    return out
+
+
+def _seven_bit(raw: bytes) -> bytes:
+    """Re-encode 8-bit bodies as quoted-printable/base64 so no relay can alter signed bytes."""
+    fields, body = split_message(raw)
+    if body.isascii():
+        return raw
+    msg = BytesParser(policy=email.policy.default).parsebytes(raw)
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        payload = part.get_payload(decode=False)
+        if cte in ("base64", "quoted-printable") and isinstance(payload, str) and payload.isascii():
+            continue
+        data = part.get_payload(decode=True) or b""
+        if cte not in ("base64", "quoted-printable") and data.isascii():
+            continue
+        del part["Content-Transfer-Encoding"]
+        part.set_payload(data)
+        if part.get_content_maintype() == "text":
+            part.set_payload(quopri.encodestring(data).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            email.encoders.encode_base64(part)
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=email.policy.SMTP).flatten(msg)
+    return to_crlf(out.getvalue())
+
+
+def _boundary(avoid: bytes) -> str:
+    while True:
+        candidate = f"------------ms{secrets.token_hex(12)}"
+        if candidate.encode() not in avoid:
+            return candidate
+
+
+# --- the two cryptographic steps ----------------------------------------------------------
+
+
+def _sign_entity(
+    entity: bytes, key: rsa.RSAPrivateKey, cert: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+) -> bytes:
+    """multipart/signed around `entity` (CRLF canonical), detached SHA-256 CMS signature."""
+    builder = pkcs7.PKCS7SignatureBuilder().set_data(entity).add_signer(cert, key, hashes.SHA256())
+    for extra in chain:
+        builder = builder.add_certificate(extra)
+    try:
+        der = builder.sign(serialization.Encoding.DER, _SIGNED_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(f"S/MIME signing failed: {exc}") from exc
+    boundary = _boundary(entity)
+    b = boundary.encode()
+    return b"".join([
+        b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
+        b'micalg=sha-256;\r\n boundary="', b, b'"\r\n\r\n',
+        b"This is a cryptographically signed message in MIME format.\r\n\r\n",
+        b"--", b, CRLF, entity, CRLF,
+        b"--", b, CRLF,
+        b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
+        b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n",
+        _b64_body(der), CRLF,
+        b"--", b, b"--", CRLF,
+    ])
+
+
+def _envelope(plaintext: bytes, recipients: Sequence[x509.Certificate]) -> bytes:
+    """application/pkcs7-mime enveloped-data entity (AES-256-CBC, RSA key transport)."""
+    if not recipients:
+        raise CryptoError("no S/MIME recipient certificate to encrypt to")
+    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(plaintext)
+    try:
+        for cert in recipients:
+            builder = builder.add_recipient(cert)
+        builder = builder.set_content_encryption_algorithm(algorithms.AES256)
+        der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(
+            f"S/MIME encryption failed: {exc}",
+            hint="every recipient needs an RSA S/MIME certificate",
+        ) from exc
+    return (
+        b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n name="smime.p7m"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
+        b"Content-Description: S/MIME Encrypted Message\r\n\r\n" + _b64_body(der)
+    )
+
+
+def _entity_and_outer(raw: bytes) -> tuple[bytes, list[Field]]:
+    """The inner entity (protected + content headers, body) and the message's other fields."""
+    fields, body = split_message(_seven_bit(to_crlf(raw)))
+    content = [f for f in fields if _is_content(f[0])]
+    others = [f for f in fields if not _is_content(f[0]) and f[0] not in DROP]
+    protected = [f for f in others if f[0] != "mime-version"]
+    head = b"".join(raw_f for _, raw_f in protected + _with_protected_param(content))
+    return head + CRLF + body, others
+
+
+def _sign_encrypt(
+    raw: bytes, key: rsa.RSAPrivateKey, cert: x509.Certificate,
+    chain: Sequence[x509.Certificate], recipients: Sequence[x509.Certificate],
+    protected_subject: str,
+) -> bytes:
+    entity, others = _entity_and_outer(raw)
+    enveloped = _envelope(_sign_entity(entity, key, cert, chain), recipients)
+    outer = [f for f in others if f[0] in OUTER_KEEP]
+    outer.append(_field("Subject", protected_subject))
+    outer.append(_field("MIME-Version", "1.0"))
+    return b"".join(raw_f for _, raw_f in outer) + enveloped
+
+
+def _sign_only(
+    raw: bytes, key: rsa.RSAPrivateKey, cert: x509.Certificate, chain: Sequence[x509.Certificate]
+) -> bytes:
+    entity, others = _entity_and_outer(raw)
+    signed = _sign_entity(entity, key, cert, chain)
+    outer = [f for f in others if f[0] != "mime-version"]
+    outer.append(_field("MIME-Version", "1.0"))
+    return b"".join(raw_f for _, raw_f in outer) + signed
+
+
+# --- public API ---------------------------------------------------------------------------
+
+
+def _as_bytes(msg: EmailMessage) -> bytes:
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def parse_lf(raw: bytes) -> EmailMessage:
+    """Parse wire bytes the way the email package prefers them: LF line ends inside."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(raw.replace(CRLF, b"\n"))
+    return msg  # type: ignore[return-value]
+
+
+def sign_encrypt(
+    msg: EmailMessage, *, signer: Identity, recipients: list[x509.Certificate],
+    protected_subject: str = PROTECTED_SUBJECT,
+) -> EmailMessage:
+    """Sign with the hub's identity, then encrypt to every recipient certificate."""
+    raw = _sign_encrypt(
+        _as_bytes(msg), signer.key, signer.cert, signer.chain, recipients, protected_subject
+    )
+    return parse_lf(raw)
+
+
+def sign_only(msg: EmailMessage, signer: Identity) -> EmailMessage:
+    """multipart/signed for recipients a rule allows plaintext (still signed by the hub)."""
+    return parse_lf(_sign_only(_as_bytes(msg), signer.key, signer.cert, signer.chain))
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(key_pem: bytes, cert_pem: bytes) -> Identity:
+    return load_identity(key_pem, cert_pem)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cert(pem: bytes) -> x509.Certificate:
+    return load_certs(pem)[0]
+
+
+def sign_encrypt_bytes(
+    raw: bytes, signer_key_pem: bytes, signer_cert_pem: bytes, recipient_cert_pems: list[bytes],
+    protected_subject: str = PROTECTED_SUBJECT,
+) -> bytes:
+    """sign_encrypt for a worker process: PEM in, wire bytes (CRLF) out; keys cached."""
+    ident = _identity(signer_key_pem, signer_cert_pem)
+    certs = [_cert(p) for p in recipient_cert_pems]
+    return _sign_encrypt(raw, ident.key, ident.cert, ident.chain, certs, protected_subject)
+
+
+def sign_only_bytes(raw: bytes, signer_key_pem: bytes, signer_cert_pem: bytes) -> bytes:
+    """sign_only for a worker process: PEM in, wire bytes (CRLF) out."""
+    ident = _identity(signer_key_pem, signer_cert_pem)
+    return _sign_only(raw, ident.key, ident.cert, ident.chain)

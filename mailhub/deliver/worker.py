@@ -1,0 +1,169 @@
+"""The delivery worker: claims due queue rows and sends them, retrying with exponential backoff.
+
+It runs as an asyncio task; each SMTP conversation runs in a worker thread with its own reused
+connection per next hop. A row is marked sent in its own commit right after the next hop's 250,
+so the window in which a crash could cause a second delivery is one commit long (and the rows
+caught in it are reported at the next start by ``recover_inflight``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from sqlalchemy.engine import Engine
+
+from mailhub.config import DeliveryConfig, HostPort
+from mailhub.deliver import queue
+from mailhub.deliver.smtp_client import SendResult, SmtpConnection
+from mailhub.spool.spool import Sealer
+from mailhub.store.models import utcnow
+
+log = logging.getLogger("mailhub.deliver")
+
+
+def backoff_delay(attempts: int, initial: int, maximum: int) -> timedelta:
+    """Exponential backoff: initial, 2*initial, 4*initial ... capped at maximum (seconds)."""
+    return timedelta(seconds=min(maximum, initial * (2 ** max(0, attempts - 1))))
+
+
+def next_step(result: SendResult, *, attempts: int, created_at: datetime, now: datetime,
+              cfg: DeliveryConfig) -> tuple[str, datetime | None]:
+    """Decide what a send result means: ("sent"|"retry"|"failed", next attempt time)."""
+    if result.ok:
+        return "sent", None
+    if result.permanent:
+        return "failed", None
+    if now - created_at >= timedelta(seconds=cfg.give_up_after):
+        return "failed", None
+    return "retry", now + backoff_delay(attempts, cfg.retry_initial, cfg.retry_max)
+
+
+OnFailed = Callable[[queue.Claimed, str], None]
+OnSent = Callable[[queue.Claimed, str], None]
+
+
+class DeliveryWorker:
+    """Sends queued rows to the smarthost or the internal relay."""
+
+    def __init__(self, engine: Engine, sealer: Sealer, cfg: DeliveryConfig, *,
+                 helo: str = "mailhub", on_failed: OnFailed | None = None,
+                 on_sent: OnSent | None = None, batch: int = 64) -> None:
+        self.engine = engine
+        self.sealer = sealer
+        self.cfg = cfg
+        self.helo = helo
+        self.on_failed = on_failed
+        self.on_sent = on_sent
+        self.batch = batch
+        self._wake = asyncio.Event()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="deliver")
+        self._connections: list[SmtpConnection] = []
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _hop(self, relay: str) -> HostPort:
+        if relay == "internal" and self.cfg.internal_relay is not None:
+            return self.cfg.internal_relay
+        return self.cfg.smarthost
+
+    def _connection(self, relay: str) -> SmtpConnection:
+        conns: dict[str, SmtpConnection] = getattr(self._local, "conns", None) or {}
+        self._local.conns = conns
+        if relay not in conns:
+            hop = self._hop(relay)
+            conn = SmtpConnection(hop.host, hop.port, starttls=self.cfg.starttls,
+                                  ca_file=self.cfg.ca_file, helo=self.helo)
+            conns[relay] = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conns[relay]
+
+    def deliver_one(self, item: queue.Claimed, sealed: bytes) -> str:
+        """Send one claimed row and record the outcome (blocking; runs in a worker thread)."""
+        data = self.sealer.open(sealed, str(item.payload_id).encode())
+        result = self._connection(item.relay).send(item.sender, item.recipient, data,
+                                                   require_tls=item.require_tls,
+                                                   smtputf8=_needs_smtputf8(item, data))
+        now = utcnow()
+        outcome, next_at = next_step(result, attempts=item.attempts, created_at=item.created_at,
+                                     now=now, cfg=self.cfg)
+        if outcome == "sent":
+            queue.mark_sent(self.engine, [item.id], result.reply)
+            log.info("sent queue_id=%s message_id=%s to=%s relay=%s", item.id, item.message_id,
+                     item.recipient, item.relay)
+            if self.on_sent:
+                self.on_sent(item, result.reply)
+        elif outcome == "retry":
+            assert next_at is not None
+            queue.mark_retry(self.engine, item.id, result.reply, next_at)
+            log.warning("deferred queue_id=%s message_id=%s to=%s: %s (next try %s)", item.id,
+                        item.message_id, item.recipient, result.reply, next_at.isoformat())
+        else:
+            queue.mark_failed(self.engine, item.id, result.reply)
+            log.error("failed queue_id=%s message_id=%s to=%s: %s", item.id, item.message_id,
+                      item.recipient, result.reply)
+            if self.on_failed:
+                self.on_failed(item, result.reply)
+        return outcome
+
+    def run_batch(self) -> int:
+        """Claim and send one batch (blocking). Returns how many rows were claimed."""
+        claimed = queue.claim_due(self.engine, self.batch)
+        if not claimed:
+            return 0
+        payloads = queue.load_payloads(self.engine, (c.payload_id for c in claimed))
+        futures = [self._pool.submit(self._safe_deliver, c, payloads.get(c.payload_id))
+                   for c in claimed]
+        for fut in futures:
+            fut.result()
+        return len(claimed)
+
+    def _safe_deliver(self, item: queue.Claimed, sealed: bytes | None) -> None:
+        try:
+            if sealed is None:
+                queue.mark_failed(self.engine, item.id, "payload missing")
+                return
+            self.deliver_one(item, sealed)
+        except Exception:  # one broken row must not stop delivery of the others
+            log.exception("delivery of queue_id=%s crashed; retrying later", item.id)
+            queue.mark_retry(self.engine, item.id, "internal error; see the log",
+                             utcnow() + backoff_delay(item.attempts, self.cfg.retry_initial,
+                                                      self.cfg.retry_max))
+
+    async def run(self, stop: asyncio.Event, idle: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                n = await asyncio.to_thread(self.run_batch)
+            except Exception:
+                log.exception("delivery loop error; continuing")
+                n = 0
+            if n:
+                continue
+            self._wake.clear()
+            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
+def _needs_smtputf8(item: queue.Claimed, data: bytes) -> bool:
+    try:
+        (item.sender + item.recipient).encode("ascii")
+        return False
+    except UnicodeEncodeError:
+        return True

@@ -1,0 +1,81 @@
+"""Coordinator authentication for the submission port: scrypt hashes and slowed-down failures.
+
+Passwords are stored only as scrypt hashes (``scrypt$n$r$p$salt$hash``); verification is
+constant-time. Repeated failures from one client address are delayed, growing with each failure,
+so guessing is slow while a coordinator who mistyped once is not punished.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import time
+from dataclasses import dataclass, field
+
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+
+
+def hash_password(password: str) -> str:
+    """Hash a password with scrypt and a random salt."""
+    if not password:
+        raise ValueError("empty password")
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R,
+                            p=SCRYPT_P, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Check a password against a stored scrypt hash; False for any malformed hash."""
+    try:
+        scheme, n, r, p, salt_b64, digest_b64 = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        salt = base64.b64decode(salt_b64)
+        expected = base64.b64decode(digest_b64)
+        actual = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=int(n), r=int(r),
+                                p=int(p), dklen=len(expected))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+@dataclass
+class FailureThrottle:
+    """Counts AUTH failures per client address and says how long to wait before replying."""
+
+    free_failures: int = 3
+    base_delay: float = 1.0
+    max_delay: float = 30.0
+    forget_after: float = 900.0
+    _failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def delay_for(self, client: str, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        count, last = self._failures.get(client, (0, now))
+        if now - last > self.forget_after:
+            self._failures.pop(client, None)
+            return 0.0
+        over = count - self.free_failures
+        if over < 0:
+            return 0.0
+        return min(self.max_delay, self.base_delay * (2**over))
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        count, last = self._failures.get(client, (0, now))
+        if now - last > self.forget_after:
+            count = 0
+        self._failures[client] = (count + 1, now)
+        if len(self._failures) > 10000:  # bound memory under a spray of addresses
+            oldest = sorted(self._failures.items(), key=lambda kv: kv[1][1])[:5000]
+            for key, _ in oldest:
+                self._failures.pop(key, None)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)

@@ -1,0 +1,107 @@
+"""Writes outbound queue rows: sealed payloads, idempotent per (source, recipient), with notices.
+
+Every caller (the submission pipeline, held-message release, the scheduler, DSNs) goes through
+``QueueWriter`` so that the same rules hold everywhere: payloads sealed at rest, rows unique per
+source id and recipient (a replay after a crash writes nothing twice), a notice to the sender for
+each held recipient, and an audit entry for each decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP
+
+from sqlmodel import Session
+
+from mailhub.deliver import queue
+from mailhub.outbound.notices import failure_dsn, hold_notice
+from mailhub.store import audit
+from mailhub.store.models import OutboundItem
+
+log = logging.getLogger("mailhub.queue")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    recipient: str
+    status: str  # queued | held
+    method: str
+    relay: str
+    data: bytes
+    reason: str = ""
+    require_tls: bool = False
+    trace: str = ""
+    kind: str = "mail"
+
+
+class QueueWriter:
+    def __init__(self, hub) -> None:  # type: ignore[no-untyped-def]
+        self.hub = hub
+
+    def _payload(self, session: Session, data: bytes) -> int:
+        pid = queue.add_payload(session, b"")
+        payload = session.get(queue.Payload, pid)
+        assert payload is not None
+        payload.sealed = self.hub.sealer.seal(data, str(pid).encode())
+        session.add(payload)
+        return pid
+
+    def write(self, session: Session, *, source_id: str, message_id: str, sender: str,
+              specs: list[RowSpec], case_id: str | None = None, actor: str = "outbound") -> int:
+        """Insert rows that do not exist yet; returns how many were written."""
+        existing = queue.existing_recipients(session, source_id)
+        payload_ids: dict[int, int] = {}
+        written = 0
+        for spec in specs:
+            if spec.recipient in existing:
+                continue
+            key = id(spec.data)
+            if key not in payload_ids:
+                payload_ids[key] = self._payload(session, spec.data)
+            row = OutboundItem(source_id=source_id, message_id=message_id, sender=sender,
+                               recipient=spec.recipient, status=spec.status, reason=spec.reason,
+                               method=spec.method, relay=spec.relay, kind=spec.kind,
+                               case_id=case_id, payload_id=payload_ids[key],
+                               require_tls=spec.require_tls, trace=spec.trace)
+            session.add(row)
+            session.flush()
+            written += 1
+            action = "held" if spec.status == "held" else (
+                "encrypted" if spec.method in ("openpgp", "smime") else "queued")
+            audit.append(session, actor, action, message_id=message_id, case_id=case_id,
+                         detail={"recipient": spec.recipient, "method": spec.method,
+                                 "queue_id": row.id, "reason": spec.reason[:300]})
+            if spec.status == "held" and spec.kind == "mail" and sender:
+                self.notice(session, hold_notice(
+                    from_addr=self.hub.config.hub.postmaster_address,
+                    from_name=self.hub.config.hub.display_name, sender=sender,
+                    recipient=spec.recipient, reason=spec.reason, queue_id=row.id or 0,
+                    original_id=message_id, domain=self.hub.domain),
+                    source_id=f"{source_id}:held:{spec.recipient}", recipient=sender)
+        return written
+
+    def notice(self, session: Session, msg: EmailMessage, *, source_id: str, recipient: str,
+               kind: str = "notice") -> None:
+        """Queue a notice (no case content) to a sender, via the internal relay when it is ours."""
+        cfg = self.hub.config
+        internal = (recipient.rpartition("@")[2].lower() == cfg.hub.domain
+                    and cfg.delivery.internal_relay is not None)
+        spec = RowSpec(recipient=recipient, status="queued", method="plaintext",
+                       relay="internal" if internal else "smarthost",
+                       data=msg.as_bytes(policy=SMTP), kind=kind,
+                       reason="notice to the sender (carries no message content)")
+        self.write(session, source_id=source_id, message_id=str(msg["Message-ID"]), sender="",
+                   specs=[spec], actor="notices")
+
+    def dsn(self, session: Session, item: queue.Claimed, reply: str) -> None:
+        if item.kind != "mail" or not item.sender:
+            return  # never a DSN about a notice or a bounce (no loops)
+        cfg = self.hub.config
+        msg = failure_dsn(from_addr=cfg.hub.postmaster_address, from_name=cfg.hub.display_name,
+                          sender=item.sender, recipient=item.recipient, reply=reply,
+                          queue_id=item.id, original_id=item.message_id, domain=self.hub.domain,
+                          reporting_mta=cfg.hub.domain, arrival=item.created_at)
+        self.notice(session, msg, source_id=f"{item.source_id}:dsn:{item.recipient}",
+                    recipient=item.sender, kind="dsn")

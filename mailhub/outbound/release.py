@@ -1,0 +1,125 @@
+"""Held messages: evaluate again (``queue release``, or automatically when a key arrives), or drop.
+
+A release runs the same policy chain and protection as the first attempt, for that one recipient;
+if the recipient still has no usable key the row stays held with the new reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlmodel import Session
+
+from mailhub.crypto.engine import CryptoEngine
+from mailhub.deliver import queue
+from mailhub.errors import MailhubError
+from mailhub.outbound.pipeline import OutboundPipeline, Prepared, visible_recipients
+from mailhub.policy.outbound import RecipientContext, decide_recipient
+from mailhub.policy.trace import trace_to_json
+from mailhub.store import audit
+from mailhub.store.models import OutboundItem, utcnow
+
+log = logging.getLogger("mailhub.queue")
+
+
+async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # type: ignore[no-untyped-def]
+                        actor: str) -> OutboundItem:
+    def load() -> tuple[OutboundItem, bytes]:
+        with Session(hub.engine) as session:
+            row = queue.get_item(session, item_id)
+            if row.status != "held":
+                raise MailhubError(f"queue entry {item_id} is {row.status}, not held",
+                                   hint="only held messages can be released")
+            payloads = queue.load_payloads(hub.engine, [row.payload_id or 0])
+            sealed = payloads.get(row.payload_id or 0)
+            if sealed is None:
+                raise MailhubError(f"queue entry {item_id} has lost its payload")
+            return row, hub.sealer.open(sealed, str(row.payload_id).encode())
+
+    row, raw = await asyncio.to_thread(load)
+    cfg = hub.config
+    hub.key_snapshot.refresh(force=True)
+    ctx = RecipientContext(address=row.recipient, hub_domain=cfg.hub.domain,
+                           internal_relay_set=cfg.delivery.internal_relay is not None,
+                           keys=hub.key_snapshot.candidates(row.recipient),
+                           consent_plain_email=False)
+    decision = decide_recipient(ctx, hub.policy_cache.current())
+    prep = Prepared(row.source_id, raw, row.message_id, row.sender, visible_recipients(raw),
+                    {row.recipient: decision})
+    await pipeline.protect(prep)
+
+    def save() -> OutboundItem:
+        with Session(hub.engine, expire_on_commit=False) as session:
+            current = queue.get_item(session, item_id)
+            if current.status != "held":
+                return current  # released meanwhile by someone else
+            current.trace = trace_to_json(decision.trace)
+            current.updated_at = utcnow()
+            data = prep.outputs.get(row.recipient)
+            if data is None:
+                current.reason = prep.failures.get(row.recipient) or decision.reason
+                audit.append(session, actor, "still-held", message_id=row.message_id,
+                             case_id=row.case_id, detail={"queue_id": item_id,
+                                                          "reason": current.reason[:300]})
+            else:
+                pid = queue.add_payload(session, b"")
+                payload = session.get(queue.Payload, pid)
+                assert payload is not None
+                payload.sealed = hub.sealer.seal(data, str(pid).encode())
+                current.payload_id = pid
+                current.status = "queued"
+                current.method = decision.method or "plaintext"
+                current.relay = decision.relay
+                current.require_tls = decision.require_tls
+                current.reason = f"released by {actor}"
+                current.next_attempt_at = utcnow()
+                audit.append(session, actor, "released", message_id=row.message_id,
+                             case_id=row.case_id, detail={"queue_id": item_id,
+                                                          "method": current.method})
+            session.add(current)
+            session.commit()
+            return current
+
+    return await asyncio.to_thread(save)
+
+
+def release(hub, item_id: int, *, actor: str) -> OutboundItem:  # type: ignore[no-untyped-def]
+    crypto = CryptoEngine(0)
+    try:
+        return asyncio.run(release_async(hub, OutboundPipeline(hub, crypto), item_id, actor=actor))
+    finally:
+        crypto.close()
+
+
+def drop(hub, item_id: int, *, actor: str, why: str) -> OutboundItem:  # type: ignore[no-untyped-def]
+    if not why.strip():
+        raise MailhubError("a reason is required to drop a message")
+    with Session(hub.engine, expire_on_commit=False) as session:
+        row = queue.get_item(session, item_id)
+        if row.status in ("sent", "failed"):
+            raise MailhubError(f"queue entry {item_id} is already {row.status}")
+        row.status = "failed"
+        row.reason = f"dropped by {actor}: {why.strip()}"[:500]
+        row.updated_at = utcnow()
+        session.add(row)
+        audit.append(session, actor, "dropped", message_id=row.message_id, case_id=row.case_id,
+                     detail={"queue_id": item_id, "why": why.strip()[:300]})
+        session.commit()
+        return row
+
+
+async def auto_release(hub, pipeline: OutboundPipeline) -> int:  # type: ignore[no-untyped-def]
+    """Release held rows whose recipient now has a usable key (runs periodically in serve)."""
+    held = await asyncio.to_thread(queue.held_for, hub.engine)
+    released = 0
+    for row in held:
+        if row.kind != "mail" or not hub.key_snapshot.has_usable(row.recipient):
+            continue
+        try:
+            result = await release_async(hub, pipeline, row.id or 0, actor="auto-release")
+        except MailhubError as exc:
+            log.warning("auto-release of %s failed: %s", row.id, exc)
+            continue
+        released += result.status == "queued"
+    return released

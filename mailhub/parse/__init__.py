@@ -1,0 +1,1 @@
+"""parse: see the package docstring for where this sits on a message's path."""

@@ -1,0 +1,242 @@
+"""``mailhub serve``: the listeners, the spool runner, delivery, IMAP ingest and the scheduler.
+
+Everything runs on one asyncio loop; blocking work (fsync, database, gpg) goes to threads or the
+crypto process pool. Ready means both SMTP ports accept connections. On start, spool files left by
+a crash are processed again and queued messages are retried at once. SIGTERM/SIGINT stop the
+listeners first, then let in-flight work finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from mailhub.app import Hub
+from mailhub.crypto.engine import CryptoEngine
+from mailhub.deliver import queue
+from mailhub.deliver.worker import DeliveryWorker
+from mailhub.ingress.auth import FailureThrottle, verify_password
+from mailhub.ingress.handlers import InboundHandler, SubmissionHandler
+from mailhub.ingress.smtp_server import HubSMTP, make_authenticator, server_tls_context
+from mailhub.outbound.pipeline import OutboundPipeline
+from mailhub.outbound.queueing import QueueWriter
+
+log = logging.getLogger("mailhub.serve")
+
+Processor = Callable[[str, str], Awaitable[None]]
+
+
+class SpoolRunner:
+    """Feeds spooled messages to their processor; a failing message is retried, then shunted."""
+
+    def __init__(self, hub: Hub, processors: dict[str, Processor], concurrency: int = 8,
+                 max_failures: int = 5, retry_after: float = 30.0) -> None:
+        self.hub = hub
+        self.processors = processors
+        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.concurrency = concurrency
+        self.max_failures = max_failures
+        self.retry_after = retry_after
+        self.failures: dict[str, int] = {}
+        self.inflight: set[str] = set()
+
+    def submit(self, listener: str, spool_id: str) -> None:
+        if spool_id not in self.inflight:
+            self.inflight.add(spool_id)
+            self.queue.put_nowait((listener, spool_id))
+
+    def recover(self) -> int:
+        n = 0
+        for listener in self.processors:
+            for sid in self.hub.spool.pending(listener):
+                self.submit(listener, sid)
+                n += 1
+        return n
+
+    async def _one(self, listener: str, spool_id: str) -> None:
+        try:
+            await self.processors[listener](listener, spool_id)
+            self.failures.pop(spool_id, None)
+        except FileNotFoundError:
+            pass  # already processed (another instance, or a replay)
+        except Exception:
+            count = self.failures.get(spool_id, 0) + 1
+            self.failures[spool_id] = count
+            log.exception("processing spool_id=%s failed (%d/%d)", spool_id, count,
+                          self.max_failures)
+            if count >= self.max_failures:
+                self.shunt(listener, spool_id)
+            else:
+                asyncio.get_running_loop().call_later(self.retry_after, self.submit, listener,
+                                                      spool_id)
+        finally:
+            self.inflight.discard(spool_id)
+
+    def shunt(self, listener: str, spool_id: str) -> None:
+        """Move a message that keeps failing aside (still sealed); never drop it."""
+        src = self.hub.spool.root / listener / f"{spool_id}.msg"
+        dst_dir = self.hub.spool.root / "shunt"
+        dst_dir.mkdir(exist_ok=True, mode=0o700)
+        if src.exists():
+            shutil.move(str(src), dst_dir / f"{listener}-{spool_id}.msg")
+        log.error("shunted spool_id=%s to %s after repeated failures", spool_id, dst_dir)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def guarded(listener: str, sid: str) -> None:
+            async with sem:
+                await self._one(listener, sid)
+
+        while not stop.is_set():
+            getter = asyncio.ensure_future(self.queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter not in done:
+                getter.cancel()
+                break
+            listener, sid = getter.result()
+            task = asyncio.create_task(guarded(listener, sid))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Server:
+    """The running hub. ``start`` returns when both SMTP ports accept connections."""
+
+    def __init__(self, hub: Hub, *, crypto_workers: int | None = None) -> None:
+        self.hub = hub
+        cfg = hub.config
+        workers = cfg.crypto.worker_count if crypto_workers is None else crypto_workers
+        self.crypto = CryptoEngine(workers)
+        self.stop_event = asyncio.Event()
+        self.writer = QueueWriter(hub)
+        self.delivery = DeliveryWorker(hub.engine, hub.sealer, cfg.delivery, helo=cfg.hub.domain,
+                                       on_failed=self._on_failed)
+        self.pipeline = OutboundPipeline(hub, self.crypto, on_queued=self.delivery.wake,
+                                         writer=self.writer)
+        self.processors: dict[str, Processor] = {"submission": self.pipeline.process}
+        self.extra_tasks: list[Callable[[asyncio.Event], Awaitable[None]]] = []
+        self.inbound_gate = None
+        self.runner = SpoolRunner(hub, self.processors,
+                                  concurrency=max(4, self.crypto.workers * 4))
+        self.throttle = FailureThrottle(free_failures=cfg.submission.auth_failures_before_delay)
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _on_failed(self, item: queue.Claimed, reply: str) -> None:
+        from sqlmodel import Session
+
+        with Session(self.hub.engine) as session:
+            self.writer.dsn(session, item, reply)
+            session.commit()
+        self.delivery.wake()
+
+    def check_user(self, login: str, password: str) -> bool:
+        from sqlmodel import Session, select
+
+        from mailhub.store.models import User
+
+        with Session(self.hub.engine) as session:
+            user = session.exec(select(User).where(User.email == login.lower())).first()
+        return bool(user and not user.disabled and verify_password(password, user.password_hash))
+
+    async def start(self) -> None:
+        hub, cfg = self.hub, self.hub.config
+        await asyncio.to_thread(hub.migrate)
+        tls = server_tls_context(str(hub.keys.tls_cert), str(hub.keys.tls_key))
+        authenticator = make_authenticator(self.check_user, self.throttle)
+        sub_handler = SubmissionHandler(domain=cfg.hub.domain, spool=hub.spool,
+                                        on_spooled=self.runner.submit)
+        in_handler = InboundHandler(domain=cfg.hub.domain, spool=hub.spool,
+                                    on_spooled=self.runner.submit, gate=self.inbound_gate)
+
+        def submission_factory() -> HubSMTP:
+            return HubSMTP(sub_handler, throttle=self.throttle, hostname=cfg.hub.domain,
+                           ident="mailhub ESMTP", tls_context=tls, require_starttls=False,
+                           auth_required=True,
+                           auth_require_tls=cfg.submission.require_tls_for_auth,
+                           authenticator=authenticator,
+                           data_size_limit=cfg.submission.max_message_size,
+                           enable_SMTPUTF8=True, decode_data=False)
+
+        def inbound_factory() -> HubSMTP:
+            return HubSMTP(in_handler, hostname=cfg.hub.domain, ident="mailhub ESMTP",
+                           tls_context=tls, require_starttls=False, auth_required=False,
+                           auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                           data_size_limit=cfg.inbound.max_message_size,
+                           enable_SMTPUTF8=True, decode_data=False)
+
+        loop = asyncio.get_running_loop()
+        for factory, lc in ((submission_factory, cfg.submission), (inbound_factory, cfg.inbound)):
+            server = await loop.create_server(factory, host=lc.listen.host, port=lc.listen.port)
+            self._servers.append(server)
+        n = await asyncio.to_thread(queue.retry_all_now, hub.engine)
+        stale = await asyncio.to_thread(queue.recover_inflight, hub.engine)
+        recovered = self.runner.recover()
+        log.info("mailhub ready: submission %s, inbound %s; %d queued retried, %d in flight at "
+                 "last stop, %d spooled recovered", cfg.submission.listen, cfg.inbound.listen,
+                 n, len(stale), recovered)
+        self._tasks.append(asyncio.create_task(self.runner.run(self.stop_event)))
+        self._tasks.append(asyncio.create_task(self.delivery.run(self.stop_event)))
+        for extra in self.extra_tasks:
+            self._tasks.append(asyncio.create_task(extra(self.stop_event)))
+
+    def ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s in self._servers]
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self.stop_event.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.delivery.close)
+        self.crypto.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        await done.wait()
+        log.info("shutting down")
+        await self.stop()
+
+
+def pidfile(hub: Hub) -> Path:
+    return hub.config.hub.data_dir / "mailhub.pid"
+
+
+def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
+    """Wire every part of a serving hub (the one place that knows them all)."""
+    server = Server(hub, crypto_workers=crypto_workers)
+
+    async def auto_release_loop(stop: asyncio.Event) -> None:
+        from mailhub.outbound.release import auto_release
+
+        while not stop.is_set():
+            try:
+                n = await auto_release(hub, server.pipeline)
+                if n:
+                    log.info("released %d held message(s) after new keys arrived", n)
+                    server.delivery.wake()
+            except Exception:
+                log.exception("auto-release pass failed; continuing")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=5)
+            except TimeoutError:
+                pass
+
+    server.extra_tasks.append(auto_release_loop)
+    return server

@@ -1,0 +1,1 @@
+"""spool: see the package docstring for where this sits on a message's path."""

@@ -1,0 +1,3 @@
+"""Imports every module that defines tables, so SQLModel.metadata holds the whole schema."""
+
+from mailhub.store import audit, models  # noqa: F401

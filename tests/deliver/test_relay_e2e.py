@@ -1,0 +1,152 @@
+"""End to end: a coordinator submits over STARTTLS+AUTH; only ciphertext reaches the smarthost.
+
+The recipient side is played by the gpg command line (its own GNUPGHOME) and by openssl cms:
+what the hub sends, they decrypt to what was sent and find the hub's valid signature.
+"""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import ssl
+import subprocess
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Instance, RunningHub, SinkHandler
+
+COORD = "coord@medvoyage.example"
+PASSWORD = "correct horse battery"
+
+
+def gpg(home: Path, *args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--yes",
+                           "--pinentry-mode", "loopback", "--passphrase", "", *args],
+                          input=data, capture_output=True, timeout=60)
+
+
+def make_recipient(tmp: Path, address: str) -> tuple[Path, Path]:
+    home = tmp / f"gpg-{address.split('@')[0]}"
+    home.mkdir(mode=0o700)
+    r = gpg(home, "--quick-gen-key", f"Clinic <{address}>", "ed25519", "sign", "1y")
+    assert r.returncode == 0, r.stderr
+    fpr = gpg(home, "--with-colons", "--list-keys", address).stdout.decode()
+    fp = [ln.split(":")[9] for ln in fpr.splitlines() if ln.startswith("fpr")][0]
+    r = gpg(home, "--quick-add-key", fp, "cv25519", "encr", "1y")
+    assert r.returncode == 0, r.stderr
+    pub = tmp / f"{address}.asc"
+    pub.write_bytes(gpg(home, "--armor", "--export", address).stdout)
+    return home, pub
+
+
+def add_user(instance: Instance) -> None:
+    pw = instance.root / "pw"
+    pw.write_text(PASSWORD + "\n")
+    code, out, err = instance.run("users", "add", COORD, "--password-file", str(pw))
+    assert code == 0, err
+
+
+def submit(instance: Instance, msg: EmailMessage, rcpts: list[str]) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", instance.submission_port, timeout=30) as s:
+        s.starttls(context=ctx)
+        s.login(COORD, PASSWORD)
+        s.send_message(msg, from_addr=COORD, to_addrs=rcpts)
+
+
+def case_mail(to: str, subject: str = "Pre-op bloods for Ana", body: str = "Hb 13.2, INR 1.0") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = COORD
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = "<client-given-1@coordinator.pc>"
+    msg.set_content(body)
+    return msg
+
+
+def wait_until(pred, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_encrypted_to_keyed_recipient_held_for_keyless(instance: Instance,
+                                                       sink: tuple[SinkHandler, int],
+                                                       short_tmp: Path) -> None:
+    handler, _ = sink
+    add_user(instance)
+    home, pub = make_recipient(short_tmp, "records@clinic-a.example")
+    code, out, err = instance.run("keys", "import", str(pub))
+    assert code == 0, err
+    hub_pub = short_tmp / "hub.asc"
+    code, out, err = instance.run("keys", "export-hub")
+    assert code == 0 and "BEGIN PGP PUBLIC KEY BLOCK" in out
+    hub_pub.write_text(out)
+    assert gpg(home, "--import", str(hub_pub)).returncode == 0
+
+    running = RunningHub(instance.config).start()
+    try:
+        msg = case_mail("records@clinic-a.example, nokey@elsewhere.example")
+        submit(instance, msg, ["records@clinic-a.example", "nokey@elsewhere.example"])
+        # the encrypted copy, plus the held notice to the coordinator
+        received = handler.wait_for(2)
+    finally:
+        running.stop()
+
+    to_clinic = [m for m in received if m.rcpt_tos == ["records@clinic-a.example"]]
+    assert len(to_clinic) == 1
+    wire = to_clinic[0].content
+    assert b"multipart/encrypted" in wire
+    assert b"Hb 13.2" not in wire and b"Pre-op bloods" not in wire  # body and subject hidden
+    assert b"Message-ID: <client-given-1@coordinator.pc>" in wire  # client's id kept
+    assert not any(m.rcpt_tos == ["nokey@elsewhere.example"] for m in received)
+
+    armored = wire[wire.index(b"-----BEGIN PGP MESSAGE-----"):]
+    armored = armored[: armored.index(b"-----END PGP MESSAGE-----") + 25]
+    dec = gpg(home, "--status-fd", "2", "--decrypt", data=armored)
+    assert dec.returncode == 0, dec.stderr
+    assert b"Hb 13.2, INR 1.0" in dec.stdout
+    assert b"Pre-op bloods for Ana" in dec.stdout  # protected header inside
+    assert b"[GNUPG:] GOODSIG" in dec.stderr and b"VALIDSIG" in dec.stderr
+
+    notices = [m for m in received if m.rcpt_tos == [COORD]]
+    assert len(notices) == 1
+    notice = notices[0].content
+    assert b"nokey@elsewhere.example" in notice and b"mailhub keys import" in notice
+    assert b"Hb 13.2" not in notice and b"Pre-op bloods" not in notice
+
+    code, out, err = instance.run("queue", "list", "--json")
+    rows = json.loads(out)
+    by_rcpt = {r["recipient"]: r for r in rows}
+    assert by_rcpt["records@clinic-a.example"]["status"] == "sent"
+    held = by_rcpt["nokey@elsewhere.example"]
+    assert held["status"] == "held" and "nokey@elsewhere.example" in held["reason"]
+    assert set(rows[0]) >= {"id", "recipient", "status", "reason"}
+
+
+@pytest.mark.parametrize("rcpt", ["someone@else.example"])
+def test_submission_requires_auth(instance: Instance, rcpt: str) -> None:
+    running = RunningHub(instance.config).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", instance.submission_port, timeout=30) as s:
+            s.ehlo()
+            code, text = s.mail(COORD)
+            assert code == 530 and b"5.7.0" in text
+            # AUTH before STARTTLS is refused (no password over plaintext)
+            code, text = s.docmd("AUTH", "PLAIN AGNvb3JkQG1lZHZveWFnZS5leGFtcGxlAHg=")
+            assert code == 538
+        with smtplib.SMTP("127.0.0.1", instance.inbound_port, timeout=30) as s:
+            s.ehlo()
+            assert s.mail("x@attacker.example")[0] == 250
+            code, text = s.rcpt(rcpt)
+            assert code == 550 and b"5.7.1" in text  # not an open relay
+    finally:
+        running.stop()

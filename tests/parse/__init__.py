@@ -1,0 +1,1 @@
+"""Tests for mailhub.parse (Message-IDs, hostile headers)."""
