@@ -34,7 +34,8 @@ from datetime import UTC, datetime
 from mailhub.cases.subjects import REPLY_PREFIXES, base_subject
 from mailhub.parse.msgid import dedupe_and_cap, parse_msgid_list
 
-_EPOCH = datetime.min.replace(tzinfo=UTC)
+_EPOCH = datetime.min.replace(tzinfo=UTC)  # a message without a date sorts first
+_NEVER = datetime.max.replace(tzinfo=UTC)  # a subtree without any message
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,14 @@ class _Table:
             node.parent = None
 
     def link(self, parent: str, child: str, *, replace: bool) -> None:
+        if not replace and self.c[child].parent is not None:
+            return  # checked first: it is cheap and the common case in long References
         cur: str | None = parent
         while cur is not None:  # would the link close a loop?
             if cur == child:
                 return
             cur = self.c[cur].parent
-        if self.c[child].parent is not None:
-            if not replace:
-                return
-            self.detach(child)
+        self.detach(child)  # only reached with replace=True, or when there is no parent
         self.c[child].parent = parent
         self.c[parent].children.append(child)
 
@@ -204,10 +204,10 @@ class _Table:
         best: dict[str, datetime] = {}
         for key in self.postorder(self.roots()):
             node = self.c[key]
-            dates = [best[k] for k in node.children if best[k] != datetime.max.replace(tzinfo=UTC)]
+            dates = [best[k] for k in node.children if best[k] != _NEVER]
             if node.message is not None:
                 dates.append(_when(node.message))
-            best[key] = min(dates) if dates else datetime.max.replace(tzinfo=UTC)
+            best[key] = min(dates) if dates else _NEVER
         return best
 
 

@@ -5,7 +5,8 @@ back. People also type it by hand, so ``find_case_tag`` accepts what a person pl
 
 - any case and spacing inside the brackets: ``[ mt-2026-0042 ]``;
 - extra words AFTER the id: ``[MT-2026-0042 follow up]`` (the id must be the FIRST token inside
-  the brackets, followed by whitespace or ``]``; ``[follow up MT-2026-0042]`` is not a tag);
+  the brackets, followed by whitespace or ``]``; ``[follow up MT-2026-0042]`` is not a tag; the
+  words after it are at most 200 characters and contain no bracket);
 - full-width brackets ``［…］`` / ``【…】`` (CJK input methods) and typographic hyphens;
 - more than four digits, with extra leading zeros dropped down to four (``MT-2026-00042`` is
   ``MT-2026-0042``), which is how ids are written by ``format_case_id``.

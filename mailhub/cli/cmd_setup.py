@@ -89,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     logging.getLogger().setLevel(config.log_level if not args.debug else "DEBUG")
+    if not args.debug:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command lines
     hub = Hub(config)
 
     async def run() -> None:

@@ -177,8 +177,6 @@ def _signed_entity(msg: Message) -> tuple[EmailMessage, bytes]:
         if name.lower().startswith("content-"):
             content[name] = value
     _share_content(msg, content, deep=True)
-    if not msg.is_multipart():
-        content.set_payload(msg.get_payload())
     make_7bit_safe(content)
     # Parse what we would send, and sign what that parse serialises to: a fixed point, so the
     # bytes between the boundaries are exactly the signed bytes whoever serialises the result.

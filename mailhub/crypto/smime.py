@@ -43,6 +43,7 @@ OUTER_KEEP = frozenset(
 )
 # Headers that go nowhere: Bcc must not leak, trace fields describe the submission hop.
 DROP = frozenset({"bcc", "resent-bcc", "received", "return-path", "delivered-to", "x-original-to"})
+_MAX_LINE = 998  # RFC 5322 line limit; relays may fold longer lines
 _SIGNED_OPTIONS = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
 
 Field = tuple[str, bytes]  # (lower-case name, the whole raw field including folds and CRLF)
@@ -105,10 +106,14 @@ def _with_protected_param(content_fields: list[Field]) -> list[Field]:
     return out
 
 
+def _needs_encoding(data: bytes) -> bool:
+    return not data.isascii() or max(map(len, data.split(b"\n"))) > _MAX_LINE + 1
+
+
 def _seven_bit(raw: bytes) -> bytes:
-    """Re-encode 8-bit bodies as quoted-printable/base64 so no relay can alter signed bytes."""
+    """Re-encode 8-bit or over-long bodies (QP/base64) so no relay can alter signed bytes."""
     fields, body = split_message(raw)
-    if body.isascii():
+    if not _needs_encoding(body):
         return raw
     msg = BytesParser(policy=email.policy.default).parsebytes(raw)
     for part in msg.walk():
@@ -119,14 +124,14 @@ def _seven_bit(raw: bytes) -> bytes:
         if cte in ("base64", "quoted-printable") and isinstance(payload, str) and payload.isascii():
             continue
         data = part.get_payload(decode=True) or b""
-        if cte not in ("base64", "quoted-printable") and data.isascii():
+        if cte not in ("base64", "quoted-printable") and not _needs_encoding(data):
             continue
         del part["Content-Transfer-Encoding"]
-        part.set_payload(data)
         if part.get_content_maintype() == "text":
             part.set_payload(quopri.encodestring(data).decode("ascii"))
             part["Content-Transfer-Encoding"] = "quoted-printable"
         else:
+            part.set_payload(data)
             email.encoders.encode_base64(part)
     out = BytesIO()
     BytesGenerator(out, mangle_from_=False, policy=email.policy.SMTP).flatten(msg)

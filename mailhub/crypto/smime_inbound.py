@@ -15,7 +15,6 @@ import email.policy
 import functools
 import os
 import quopri
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
@@ -25,7 +24,6 @@ from typing import Literal
 from asn1crypto import cms, core
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -57,7 +55,7 @@ _NEVER_FROM_INSIDE = {"mailhub-protection"}
 class Unwrapped:
     """The readable message and how it was protected (the Mailhub-Protection facts)."""
 
-    message: EmailMessage
+    raw: bytes  # the readable message as wire bytes (CRLF), outer headers merged back
     encryption: Encryption
     signature: Signature
     signer: str | None
@@ -66,6 +64,11 @@ class Unwrapped:
     signer_fingerprint: str | None = None
     decrypted_with: str | None = None  # fingerprint of the hub certificate that opened it
     reason: str = ""
+
+    @functools.cached_property
+    def message(self) -> EmailMessage:
+        """The readable message, parsed on first use (workers only need the bytes)."""
+        return parse_lf(self.raw)
 
     def protection_header(self) -> str:
         """The value of the Mailhub-Protection header for this message."""
@@ -108,17 +111,25 @@ def _decode_body(headers: Message, body: bytes) -> bytes:
 
 def _multipart_parts(body: bytes, boundary: str) -> list[bytes]:
     """Parts of a multipart body, byte exact; the CRLF before a delimiter is not content."""
-    delim = re.compile(
-        rb"(?:\A|\r\n)--" + re.escape(boundary.encode("utf-8", "replace")) + rb"(--)?[ \t]*(?:\r\n|\Z)"
-    )
+    marker = b"--" + boundary.encode("utf-8", "replace")
     parts: list[bytes] = []
     start: int | None = None
-    for match in delim.finditer(body):
+    pos = 0
+    while (at := body.find(marker, pos)) >= 0:
+        pos = at + 1
+        if at and body[at - 2 : at] != b"\r\n":
+            continue  # not at the start of a line
+        after = at + len(marker)
+        close = body[after : after + 2] == b"--"
+        eol = body.find(b"\r\n", after)
+        line_end = len(body) if eol < 0 else eol
+        if body[after + 2 if close else after : line_end].strip(b" \t"):
+            continue  # a longer boundary that merely starts with ours
         if start is not None:
-            parts.append(body[start : match.start()])
-        if match.group(1):
+            parts.append(body[start : max(at - 2, start)])
+        if close:
             return parts
-        start = match.end()
+        start = pos = min(line_end + 2, len(body))
     if start is not None:
         parts.append(body[start:])
     return parts
@@ -194,8 +205,10 @@ def _decrypt_content(mode: str, alg: cms.EncryptionAlgorithm, cek: bytes, data: 
         iv = alg["parameters"].native
         decryptor = Cipher(block, modes.CBC(iv)).decryptor()  # type: ignore[arg-type]
         padded = decryptor.update(data) + decryptor.finalize()
-        unpadder = sym_padding.PKCS7(bits).unpadder()
-        return unpadder.update(padded) + unpadder.finalize()
+        pad = padded[-1] if padded else 0
+        if not 1 <= pad <= bits // 8 or padded[-pad:] != bytes([pad]) * pad:
+            raise ValueError("bad padding")
+        return padded[:-pad]
     except Exception as exc:  # wrong key, bad padding, tampering: all mean the same here
         raise DecryptionFailed("the encrypted content could not be decrypted (wrong key or "
                                "corrupted message)") from exc
@@ -311,23 +324,21 @@ def _signature(checks: list[SignerCheck]) -> SignerCheck | None:
     return invalid[0] if invalid else checks[-1]
 
 
-def merge_headers(outer: list[tuple[str, bytes]], inner_raw: bytes) -> EmailMessage:
+def merge_headers(outer: list[tuple[str, bytes]], inner_raw: bytes) -> bytes:
     """The inner entity with the outer headers merged back; the protected Subject wins."""
     inner_fields, body = split_message(inner_raw)
     inner_fields = [f for f in inner_fields if f[0] not in _NEVER_FROM_INSIDE]
     inner_names = {n for n, _ in inner_fields}
-    merged = []
-    for name, raw in outer:
-        if name.startswith("content-") or name == "mime-version":
-            continue
-        if name == "subject" and "subject" in inner_names:
-            continue
-        merged.append((name, raw))
+    merged = [
+        (name, raw) for name, raw in outer
+        if not (name.startswith("content-") or name == "mime-version")
+        and not (name == "subject" and "subject" in inner_names)
+    ]
     outer_names = {n for n, _ in merged}
-    merged.extend(f for f in inner_fields if f[0] not in outer_names or f[0] == "subject")
-    if "mime-version" not in {n for n, _ in merged}:
+    merged.extend(f for f in inner_fields if f[0] not in outer_names)
+    if "mime-version" not in outer_names | inner_names:
         merged.append(("mime-version", b"MIME-Version: 1.0\r\n"))
-    return parse_lf(b"".join(r for _, r in merged) + b"\r\n" + body)
+    return b"".join(r for _, r in merged) + b"\r\n" + body
 
 
 def unwrap(
@@ -343,7 +354,7 @@ def unwrap(
         state = _State(identities, known_certs, now)
         outer_fields, _ = split_message(raw)
         inner = _layer(raw, state)
-        message = merge_headers(outer_fields, inner) if state.layers else parse_lf(raw)
+        readable = merge_headers(outer_fields, inner) if state.layers else raw
     except DecryptionFailed:
         raise
     except Exception as exc:  # the promise: bad input never escapes as another type
@@ -351,7 +362,7 @@ def unwrap(
     check = _signature(state.checks)
     cert = check.cert if check else None
     return Unwrapped(
-        message=message,  # type: ignore[arg-type]
+        raw=readable,
         encryption="smime" if state.encrypted_with else "none",
         signature=check.status if check else "none",
         signer=subject_string(cert) if cert is not None else None,
@@ -391,4 +402,4 @@ def unwrap_pems(
         "signer_fingerprint": result.signer_fingerprint,
         "decrypted_with": result.decrypted_with, "reason": result.reason,
     }
-    return result.message.as_bytes(policy=email.policy.SMTP), facts
+    return result.raw, facts

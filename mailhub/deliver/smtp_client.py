@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import smtplib
-import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,7 @@ class SmtpConnection:
                 text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
                 self._reset()
                 return SendResult(False, exc.smtp_code >= 500, f"{exc.smtp_code} {text}")
-            except (smtplib.SMTPServerDisconnected, ConnectionError, socket.timeout) as exc:
+            except (TimeoutError, smtplib.SMTPServerDisconnected, ConnectionError) as exc:
                 self.close()
                 if attempt == 2:
                     return SendResult(False, False, f"connection to {self.host}:{self.port} lost: {exc}")

@@ -77,7 +77,8 @@ class _BaseHandler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content: bytes = envelope.original_content or b""
-        login = getattr(session, "login_data", None)
+        auth = getattr(session, "auth_data", None)
+        login = getattr(auth, "login", None)
         env = Envelope(
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from mailhub.cases.imap_folders import CaseFolders, copy_flags
 from mailhub.errors import MailhubError
@@ -131,6 +132,8 @@ class ImapWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._unexpunged: dict[tuple[str, int], set[int]] = {}
+        self._uidnext: dict[str, int | None] = {}  # per watched folder, as of its last pass
         self.stats = WatchStats()
 
     # -- public life cycle ---------------------------------------------------------------------
@@ -202,11 +205,18 @@ class ImapWatcher:
             self._stop.wait(s.poll_interval)
             return
         limit = s.idle_renew if len(s.watch) == 1 else min(s.idle_renew, s.poll_interval)
-        client.select_folder(s.watch[0], readonly=True)
+        # Mail that arrived during the pass would never be announced by IDLE: UIDNEXT tells.
+        info = client.select_folder(s.watch[0], readonly=True)
+        if info.get(b"UIDNEXT") != self._uidnext.get(s.watch[0]):
+            return
+        for other in s.watch[1:]:
+            status = client.folder_status(other, [b"UIDNEXT"])
+            if status.get(b"UIDNEXT") != self._uidnext.get(other):
+                return
         client.idle()
-        deadline = self._clock() + limit
+        deadline = time.monotonic() + limit
         woke = False
-        while not woke and not self._stop.is_set() and self._clock() < deadline:
+        while not woke and not self._stop.is_set() and time.monotonic() < deadline:
             if not _readable(client, 0.5):
                 continue
             responses = client.idle_check(timeout=0)
@@ -224,39 +234,49 @@ class ImapWatcher:
         self.stats.passes += 1
 
     def _pass_folder(self, client: IMAPClient, folders: CaseFolders, folder: str) -> None:
-        uidvalidity = _uidvalidity(client.select_folder(folder))
+        try:
+            info = client.select_folder(folder)
+        except IMAPClientError as exc:
+            if isinstance(exc, IMAPClientAbortError):
+                raise
+            log.warning("cannot open watched folder %r: %s (check [imap].watch)", folder, exc)
+            return
+        uidvalidity = _uidvalidity(info)
+        self._uidnext[folder] = info.get(b"UIDNEXT")
         self._memo.prune(folder, uidvalidity)
+        # Filed but not yet expunged (no UIDPLUS): skipped until a plain EXPUNGE is safe.
+        waiting = self._unexpunged.setdefault((folder, uidvalidity), set())
         # \Deleted ones included: a crash between STORE and EXPUNGE must still finish them.
         uids = sorted(client.search(["UNKEYWORD", UNFILED_KEYWORD]))
-        filed: set[int] = set()
+        waiting.intersection_update(uids)
         for uid in uids:
             if self._stop.is_set():
                 return
             key = (folder, uidvalidity, uid)
+            if uid in waiting:
+                continue
             if not self._memo.ready(key):
                 self.stats.deferred += 1
                 continue
             if self._one(client, folders, folder, uidvalidity, uid):
-                filed.add(uid)
-                self._remove(client, folder, uid, filed)
+                client.add_flags([uid], [rb"\Deleted"], silent=True)
+                if client.has_capability("UIDPLUS"):
+                    client.uid_expunge([uid])
+                else:
+                    waiting.add(uid)
+        if waiting:
+            self._expunge_if_safe(client, folder, waiting)
 
-    def _remove(self, client: IMAPClient, folder: str, uid: int, filed: set[int]) -> None:
-        r"""Delete a filed message from the watched folder, and only that one.
-
-        Without UIDPLUS a plain EXPUNGE removes every \Deleted message, so it waits until
-        all of them are filed (or marked unfiled); until then they stay, flagged, and the
-        next pass refiles them idempotently.
-        """
-        client.add_flags([uid], [rb"\Deleted"], silent=True)
-        if client.has_capability("UIDPLUS"):
-            client.uid_expunge([uid])
-            return
+    def _expunge_if_safe(self, client: IMAPClient, folder: str, waiting: set[int]) -> None:
+        r"""Without UIDPLUS, EXPUNGE removes every \Deleted message: only run it when all of
+        them are filed (or marked unfiled), so a deleted-but-unfiled message is never lost."""
         pending = set(client.search(["DELETED", "UNKEYWORD", UNFILED_KEYWORD]))
-        if pending <= filed:
+        if pending <= waiting:
             client.expunge()
+            waiting.clear()
         else:
             log.info("%s: not expunging yet, %d deleted message(s) not filed", folder,
-                     len(pending - filed))
+                     len(pending - waiting))
 
     def _one(self, client: IMAPClient, folders: CaseFolders, folder: str,
              uidvalidity: int, uid: int) -> bool:

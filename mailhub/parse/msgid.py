@@ -40,6 +40,8 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff"
 _DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
 _ATOM_CHARS = re.compile(rf"[{_ATEXT}]+")
 _LINEBREAKS = re.compile(r"\r\n|\r|\n")
+_CANONICAL = re.compile(rf"<[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[{_ATEXT}]+(?:\.[{_ATEXT}]+)*>")
+"""Already canonical (the common case for stored ids): returned as is, without parsing."""
 _LENIENT_BODY = re.compile(r"[^\s<>]+")
 _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
@@ -236,6 +238,8 @@ def normalize_msgid(value: str | None) -> str | None:
     """
     if not isinstance(value, str):
         return None
+    if len(value) <= MAX_MSGID_CHARS and _CANONICAL.fullmatch(value):
+        return value
     text = _LINEBREAKS.sub("", value)
     if len(text) > MAX_MSGID_CHARS * 2:
         return None
@@ -300,6 +304,8 @@ def parse_msgid_list(header_value: str | None, cap: int = MAX_REFERENCES) -> lis
     """
     if not isinstance(header_value, str) or not header_value:
         return []
+    if len(header_value) <= MAX_MSGID_CHARS and _CANONICAL.fullmatch(header_value):
+        return [header_value]
     s = _LINEBREAKS.sub("", header_value)
     found: list[str] = []
     comments_ok = True

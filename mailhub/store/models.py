@@ -199,7 +199,13 @@ class Attachment(SQLModel, table=True):
 
 
 class ScheduleEntry(SQLModel, table=True):
-    """The send ledger: one row per case step; claimed atomically before sending."""
+    """The send ledger: one row per case step; claimed atomically before sending.
+
+    ``queue_source_id`` is set (in the same transaction that spools the message) before the
+    row is marked sent, so a row that has one is in the outbound path and is never recomputed
+    or sent again. ``plan_version`` is the care plan's version when the step was (re)computed,
+    ``template_version`` the rendered templates' version when it was sent.
+    """
 
     __tablename__ = "schedule"
     __table_args__ = (
@@ -212,6 +218,7 @@ class ScheduleEntry(SQLModel, table=True):
     plan: str = ""
     template: str = ""
     template_version: str = ""
+    plan_version: str = ""
     anchor: str = ""
     send_at_utc: datetime
     timezone: str = "UTC"
@@ -221,5 +228,6 @@ class ScheduleEntry(SQLModel, table=True):
     queue_source_id: str = ""  # spool id given to the outbound path (idempotent send)
     claimed_by: str = ""
     claimed_at: datetime | None = None
+    attempts: int = 0
     sent_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)

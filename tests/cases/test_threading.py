@@ -40,9 +40,15 @@ def index() -> MemoryCaseIndex:
     a = idx.open_case(PATIENT, status="pre-op")  # MT-2026-0001
     b = idx.open_case("other@patient.example")  # MT-2026-0002
     idx.add_message(a, "<a1@medvoyage.example>")
-    idx.add_message(a, "<a2@clinic-a.example>", ["<a1@medvoyage.example>"], ["<a1@medvoyage.example>"])
-    idx.add_message(a, "<a3@medvoyage.example>", ["<a2@clinic-a.example>"],
-                    ["<a1@medvoyage.example>", "<a2@clinic-a.example>"])  # fmt: skip
+    idx.add_message(
+        a, "<a2@clinic-a.example>", ["<a1@medvoyage.example>"], ["<a1@medvoyage.example>"]
+    )
+    idx.add_message(
+        a,
+        "<a3@medvoyage.example>",
+        ["<a2@clinic-a.example>"],
+        ["<a1@medvoyage.example>", "<a2@clinic-a.example>"],
+    )
     idx.add_message(b, "<b1@medvoyage.example>")
     idx.add_participant(a, "coordinator@medvoyage.example")
     return idx
@@ -74,7 +80,9 @@ def test_first_existing_tag_wins(index: MemoryCaseIndex) -> None:
 
 
 def test_tag_beats_references(index: MemoryCaseIndex) -> None:
-    d = assign_case(incoming(subject="[MT-2026-0002]", references=["<a3@medvoyage.example>"]), index)
+    d = assign_case(
+        incoming(subject="[MT-2026-0002]", references=["<a3@medvoyage.example>"]), index
+    )
     assert (d.case_id, d.reason) == ("MT-2026-0002", "subject-tag")
 
 
@@ -91,14 +99,20 @@ def test_case_address_joins_and_beats_references(index: MemoryCaseIndex) -> None
 def test_case_address_only_at_the_hub_domain(index: MemoryCaseIndex) -> None:
     assert case_address_id("case+MT-2026-0002@evil.example", HUB) is None
     assert case_address_id('"case+MT-2026-0002"@medvoyage.example', HUB) == "MT-2026-0002"
-    d = assign_case(incoming(to_addrs=["case+MT-2026-0002@evil.example"],
-                             from_addr="x@y.example"), index)  # fmt: skip
+    d = assign_case(
+        incoming(to_addrs=["case+MT-2026-0002@evil.example"], from_addr="x@y.example"), index
+    )
     assert d.reason == "new-case"
 
 
 def test_references_join(index: MemoryCaseIndex) -> None:
-    d = assign_case(incoming(in_reply_to=["<a3@medvoyage.example>"],
-                             references=["<a1@medvoyage.example>", "<a3@medvoyage.example>"]), index)  # fmt: skip
+    d = assign_case(
+        incoming(
+            in_reply_to=["<a3@medvoyage.example>"],
+            references=["<a1@medvoyage.example>", "<a3@medvoyage.example>"],
+        ),
+        index,
+    )
     assert d == Decision("MT-2026-0001", "references", False, d.detail)
 
 
@@ -116,8 +130,10 @@ def test_references_last_known_entry_decides(index: MemoryCaseIndex) -> None:
 
 
 def test_foreign_in_reply_to_with_the_right_references(index: MemoryCaseIndex) -> None:
-    d = assign_case(incoming(in_reply_to=["<b1@medvoyage.example>"],
-                             references=["<a2@clinic-a.example>"]), index)  # fmt: skip
+    d = assign_case(
+        incoming(in_reply_to=["<b1@medvoyage.example>"], references=["<a2@clinic-a.example>"]),
+        index,
+    )
     assert (d.case_id, d.reason) == ("MT-2026-0001", "references")
 
 
@@ -130,12 +146,14 @@ def test_quoted_local_parts_in_message_ids(index: MemoryCaseIndex) -> None:
     idx = MemoryCaseIndex(year=2026)
     cid = idx.open_case(PATIENT)
     idx.add_message(cid, '<"01KF8JCEOCBS0045PS"@xxx.yyy.com>')
-    d = assign_case(incoming(in_reply_to=["<01KF8JCEOCBS0045PS@xxx.yyy.com>"],
-                             from_addr="x@y.example"), idx)  # fmt: skip
+    d = assign_case(
+        incoming(in_reply_to=["<01KF8JCEOCBS0045PS@xxx.yyy.com>"], from_addr="x@y.example"), idx
+    )
     assert (d.case_id, d.reason) == (cid, "in-reply-to")
     # case is kept: a different-case id is a different message
-    d = assign_case(incoming(in_reply_to=["<01kf8jceocbs0045ps@xxx.yyy.com>"],
-                             from_addr="x@y.example"), idx)  # fmt: skip
+    d = assign_case(
+        incoming(in_reply_to=["<01kf8jceocbs0045ps@xxx.yyy.com>"], from_addr="x@y.example"), idx
+    )
     assert d.reason == "new-case"
 
 
@@ -149,7 +167,9 @@ def test_reply_arriving_before_its_parent(index: MemoryCaseIndex) -> None:
 
 def test_references_beat_child_reference(index: MemoryCaseIndex) -> None:
     index.add_message("MT-2026-0002", "<r@x.example>", ["<p@x.example>"])
-    d = assign_case(incoming(message_id="<p@x.example>", references=["<a1@medvoyage.example>"]), index)
+    d = assign_case(
+        incoming(message_id="<p@x.example>", references=["<a1@medvoyage.example>"]), index
+    )
     assert d.case_id == "MT-2026-0001"
 
 
@@ -166,8 +186,9 @@ def test_loops_in_references(index: MemoryCaseIndex) -> None:
     refs = [own, "<b1@medvoyage.example>", own, "<b1@medvoyage.example>", own]
     d = assign_case(incoming(message_id=own, references=refs, in_reply_to=[own]), index)
     assert (d.case_id, d.reason) == ("MT-2026-0002", "references")
-    only_self = incoming(message_id=own, references=[own, own], in_reply_to=[own],
-                         from_addr="x@y.example")  # fmt: skip
+    only_self = incoming(
+        message_id=own, references=[own, own], in_reply_to=[own], from_addr="x@y.example"
+    )
     assert assign_case(only_self, index).reason == "new-case"
 
 
@@ -188,7 +209,9 @@ def test_reused_message_id_does_not_capture_replies(index: MemoryCaseIndex) -> N
 
 
 def test_forward_with_the_tag_from_a_stranger_joins_unverified(index: MemoryCaseIndex) -> None:
-    fwd = incoming(subject="Fwd: [MT-2026-0001] Your pre-op guide", from_addr="sister@family.example")
+    fwd = incoming(
+        subject="Fwd: [MT-2026-0001] Your pre-op guide", from_addr="sister@family.example"
+    )
     d = assign_case(fwd, index)
     assert (d.case_id, d.reason, d.unverified_sender) == ("MT-2026-0001", "subject-tag", True)
     assert "not a participant" in d.detail
@@ -228,10 +251,14 @@ def test_closed_case_is_not_an_open_case(index: MemoryCaseIndex) -> None:
 def test_partner_and_participant_senders_are_verified(index: MemoryCaseIndex) -> None:
     tag = "[MT-2026-0002] records"
     assert not assign_case(incoming(subject=tag, from_addr=CLINIC), index).unverified_sender
-    assert assign_case(incoming(subject=tag, from_addr="x@clinic-b.example"), index).unverified_sender
+    assert assign_case(
+        incoming(subject=tag, from_addr="x@clinic-b.example"), index
+    ).unverified_sender
     assert assign_case(incoming(subject=tag, from_addr=""), index).unverified_sender
     index.add_participant("MT-2026-0002", "x@clinic-b.example")
-    assert not assign_case(incoming(subject=tag, from_addr="x@Clinic-B.example"), index).unverified_sender
+    assert not assign_case(
+        incoming(subject=tag, from_addr="x@Clinic-B.example"), index
+    ).unverified_sender
 
 
 class CountingIndex(MemoryCaseIndex):
@@ -275,6 +302,12 @@ def test_ten_kilobyte_subject(index: MemoryCaseIndex) -> None:
 
 
 def test_garbage_everywhere_never_raises(index: MemoryCaseIndex) -> None:
-    msg = incoming(message_id="\x00<<>>", in_reply_to=["\udcff<a@"], references=["(((", "<>"],
-                   subject="\udc80" * 100, from_addr="<<@@>>", to_addrs=["", "case+@"])  # fmt: skip
+    msg = incoming(
+        message_id="\x00<<>>",
+        in_reply_to=["\udcff<a@"],
+        references=["(((", "<>"],
+        subject="\udc80" * 100,
+        from_addr="<<@@>>",
+        to_addrs=["", "case+@"],
+    )
     assert assign_case(msg, index).reason == "new-case"

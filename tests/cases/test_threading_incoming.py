@@ -22,7 +22,7 @@ def test_broken_encodings_still_give_a_usable_incoming(pol: policy.Policy) -> No
         b"From: =?bogus-charset?q?Ana_=E9?= <Ana@Patient.EXAMPLE>\r\n"
         b"To: =?utf-8?b?!!!?= <case+mt-2026-0001@MedVoyage.example>, \xff\xfe <x@y.example>\r\n"
         b"Subject: =?utf-8?q?=5BMT-2026-0001=5D_r=C3=A9sultats?= \xe9t\xe9\r\n"
-        b"Message-ID: (comment) <\"abc\"@patient.example>\r\n"
+        b'Message-ID: (comment) <"abc"@patient.example>\r\n'
         b"In-Reply-To: Your message of Monday <irt@hub.example> \xff\r\n"
         b"References: <r1@x> garbage\r\n <r2@x> <r1@x>\r\n\r\nbody\r\n"
     )
@@ -31,8 +31,11 @@ def test_broken_encodings_still_give_a_usable_incoming(pol: policy.Policy) -> No
     assert inc.in_reply_to == ["<irt@hub.example>"]
     assert inc.references == ["<r1@x>", "<r2@x>"]
     assert inc.from_addr == "Ana@patient.example"
-    assert inc.to_addrs == ["intake@medvoyage.example", "case+mt-2026-0001@medvoyage.example",
-                            "x@y.example"]  # fmt: skip
+    assert inc.to_addrs == [
+        "intake@medvoyage.example",
+        "case+mt-2026-0001@medvoyage.example",
+        "x@y.example",
+    ]
     assert inc.subject.startswith("[MT-2026-0001] résultats ")
     assert "\ufffd" in inc.subject  # the raw 8-bit Latin-1 bytes, not UTF-8
     idx = MemoryCaseIndex(year=2026)
@@ -42,14 +45,18 @@ def test_broken_encodings_still_give_a_usable_incoming(pol: policy.Policy) -> No
 
 
 def test_missing_headers_and_envelope_sender() -> None:
-    inc = incoming_from_message(msg(b"\r\nno headers at all\r\n"), HUB, envelope_from="b@Bounce.example")
+    inc = incoming_from_message(
+        msg(b"\r\nno headers at all\r\n"), HUB, envelope_from="b@Bounce.example"
+    )
     assert (inc.message_id, inc.subject, inc.from_addr) == (None, "", "b@bounce.example")
     assert inc.in_reply_to == [] and inc.references == [] and inc.to_addrs == []
 
 
 def test_ten_kilobyte_subject_and_five_thousand_references_from_raw() -> None:
     refs = b"\r\n ".join(b"<ref%d@x.example>" % i for i in range(5000))
-    raw = b"From: a@b.example\r\nSubject: " + b"y" * 10_240 + b"\r\nReferences: " + refs + b"\r\n\r\n"
+    raw = (
+        b"From: a@b.example\r\nSubject: " + b"y" * 10_240 + b"\r\nReferences: " + refs + b"\r\n\r\n"
+    )
     inc = incoming_from_message(msg(raw), HUB)
     assert len(inc.subject) == 2000
     assert len(inc.references) == 100 and inc.references[-1] == "<ref4999@x.example>"

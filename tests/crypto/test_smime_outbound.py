@@ -161,3 +161,23 @@ def test_bytes_variant_accepts_pem_chains_and_plain_ascii(parties: dict[str, Par
 def test_no_recipient_is_an_error_not_plaintext(parties: dict[str, Party]) -> None:
     with pytest.raises(CryptoError, match="no S/MIME recipient"):
         sign_encrypt(_case_mail(), signer=parties["hub"].identity, recipients=[])
+
+
+def test_signed_bytes_survive_relays_8bit_long_lines_trailing_space(
+    parties: dict[str, Party], tmp_path: Path
+) -> None:
+    hub = parties["hub"]
+    body = "Grüße  \nline with trailing space \n" + "x" * 2000 + "\nend\tTab\t\n"
+    raw = (
+        "From: a@medvoyage.example\nTo: c@clinic-a.example\nSubject: s\nMIME-Version: 1.0\n"
+        "Content-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n" + body
+    ).encode()
+    out = sign_only_bytes(raw, hub.key_pem, hub.cert_pem)
+    assert out.isascii()
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998
+    wire = tmp_path / "long.eml"
+    wire.write_bytes(out)
+    assert _openssl("cms", "-verify", "-in", wire, "-CAfile", hub.cert).returncode == 0
+    result = unwrap(out, identities=[], known_certs=[hub.identity.cert])
+    assert result.signature == "verified"
+    assert result.message.get_content() == body

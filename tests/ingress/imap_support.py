@@ -68,6 +68,7 @@ class MemoryHub:
     def __init__(self) -> None:
         self.store: dict[str, bytes] = {}
         self.origins: list[str] = []
+        self.ingested: list[bytes] = []  # every call, duplicates included
         self.failing: set[str] = set()
         self._lock = threading.Lock()
 
@@ -75,6 +76,7 @@ class MemoryHub:
         subject = header(raw, "Subject")
         with self._lock:
             self.origins.append(origin)
+            self.ingested.append(raw)
             if any(word in subject for word in self.failing):
                 raise RuntimeError("cannot decrypt this message")
             self.store.setdefault(hashlib.sha256(to_crlf(raw)).hexdigest(), raw)

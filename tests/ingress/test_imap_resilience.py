@@ -19,6 +19,7 @@ from tests.ingress.imap_support import (
     client_for,
     drop,
     folder_bodies,
+    header,
     make_message,
     settings_for,
     wait_until,
@@ -82,8 +83,22 @@ def test_polls_when_the_server_has_neither_idle_nor_uidplus(
         good = make_message(CASE, PATIENT, "polled")
         drop(server, good)
         wait_until(lambda: filed_exactly_once(server, good), what="polling to file the message")
+        passes = watcher.stats.passes
+        wait_until(lambda: watcher.stats.passes >= passes + 3, what="more polls")
         watcher.stop()
         assert bad in folder_bodies(server, "INBOX")  # not expunged along with the filed one
+        assert sum("POISON" not in o for o in _subjects(memory_hub)) == 1  # good: once only
+
+        # Once the bad one can be ingested, both leave the INBOX and each is filed once.
+        memory_hub.failing.clear()
+        stats = ImapWatcher(settings_for(server), memory_hub.ingest).run_once()
+        assert (stats.filed, stats.already_filed) == (1, 1)
+        assert filed_exactly_once(server, good, bad)
+        assert folder_bodies(server, "INBOX") == []
+
+
+def _subjects(hub: MemoryHub) -> list[str]:
+    return [header(raw, "Subject") for raw in hub.ingested]
 
 
 def test_dovecot_restart_while_idle(

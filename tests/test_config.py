@@ -1,0 +1,72 @@
+"""The configuration: every example key documented, parsed into types, errors that say how to fix."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mailhub.config import load_config, parse_config, read_secret_file
+from mailhub.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+def test_every_example_key_is_commented() -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^([a-z_]+)\s*=", line)
+        if not m:
+            continue
+        inline = "#" in line.split("=", 1)[1]
+        above = i > 0 and lines[i - 1].lstrip().startswith("#")
+        if not (inline or above):
+            undocumented.append(m.group(1))
+    assert undocumented == []
+
+
+def test_every_example_key_is_read(tmp_path: Path) -> None:
+    """An example key that the parser ignores would be a lie in the documentation."""
+    raw = tomllib.loads(EXAMPLE.read_text())
+    cfg = parse_config(raw, tmp_path / "config.toml")
+    assert cfg.hub.domain == "medvoyage.example"
+    assert cfg.submission.listen.port == 5587 and cfg.inbound.listen.port == 2525
+    assert cfg.delivery.starttls == "opportunistic" and cfg.delivery.internal_relay is None
+    assert cfg.hub.rules_dir == tmp_path / "rules"
+    assert cfg.scheduler.quiet_hours == ("21:00", "08:00")
+    raw["hub"]["surprise"] = 1
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[hub\]: surprise"):
+        parse_config(raw, tmp_path / "config.toml")
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("hub", "domain", "not a domain", "is not a mail domain"),
+    ("delivery", "starttls", "sometimes", "is not one of"),
+    ("delivery", "smarthost", "localhost", "is not host:port"),
+    ("delivery", "workers", 0, "must be at least 1"),
+    ("hub", "database_url", "mysql://x", "is not supported"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, section: str, key: str, value: object,
+                                 message: str) -> None:
+    raw = tomllib.loads(EXAMPLE.read_text())
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(raw, tmp_path / "config.toml")
+    assert f"[{section}].{key}" in str(info.value)
+
+
+def test_missing_file_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml")
+    assert "mailhub init" in str(info.value)
+
+
+def test_password_file_strips_one_newline(tmp_path: Path) -> None:
+    p = tmp_path / "pw"
+    p.write_text("secret\n\n")
+    assert read_secret_file(p) == "secret\n"
+    p.write_text("secret")
+    assert read_secret_file(p) == "secret"
