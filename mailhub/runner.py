@@ -221,6 +221,12 @@ def pidfile(hub: Hub) -> Path:
 def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
     """Wire every part of a serving hub (the one place that knows them all)."""
     server = Server(hub, crypto_workers=crypto_workers)
+    from mailhub.ingress.inbound_flow import InboundFlow
+    from mailhub.ingress.inbound_gate import InboundGate
+
+    server.inbound_gate = InboundGate(hub, server.crypto)
+    inbound = InboundFlow(hub, server.writer, on_queued=server.delivery.wake)
+    server.processors["inbound"] = inbound.process
 
     async def auto_release_loop(stop: asyncio.Event) -> None:
         from mailhub.outbound.release import auto_release

@@ -69,11 +69,7 @@ class Identity:
 
     def key_pem(self) -> bytes:
         """Unencrypted PKCS#8 PEM, for handing the identity to a worker process."""
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _key_pem(self.key)
 
     def cert_pem(self) -> bytes:
         """The certificate followed by its chain, PEM."""
@@ -149,12 +145,8 @@ def can_encrypt(cert: x509.Certificate) -> bool:
 def for_email(cert: x509.Certificate) -> bool:
     """False when an extendedKeyUsage is present and excludes email protection."""
     eku = _ext(cert, x509.ExtendedKeyUsage)
-    if not isinstance(eku, x509.ExtendedKeyUsage):
-        return True
-    return any(
-        oid in (ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
-        for oid in eku
-    )
+    wanted = (ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
+    return not isinstance(eku, x509.ExtendedKeyUsage) or any(oid in wanted for oid in eku)
 
 
 def time_valid(cert: x509.Certificate, now: dt.datetime | None = None) -> bool:
@@ -165,13 +157,9 @@ def time_valid(cert: x509.Certificate, now: dt.datetime | None = None) -> bool:
 def cert_info(cert: x509.Certificate, now: dt.datetime | None = None) -> CertInfo:
     now = now or _utcnow()
     return CertInfo(
-        fingerprint=fingerprint(cert),
-        subject=subject_string(cert),
-        addresses=cert_addresses(cert),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        is_ca=is_ca(cert),
-        can_encrypt=can_encrypt(cert),
+        fingerprint=fingerprint(cert), subject=subject_string(cert),
+        addresses=cert_addresses(cert), not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc, is_ca=is_ca(cert), can_encrypt=can_encrypt(cert),
         expired=now > cert.not_valid_after_utc,
     )
 
@@ -242,6 +230,31 @@ def _leaf_first(certs: list[x509.Certificate]) -> list[x509.Certificate]:
     return [leaf, *(c for c in certs if c is not leaf)]
 
 
+def partner_refusal(
+    info: CertInfo, usable_for_email: bool, expected_address: str | None, now: dt.datetime
+) -> tuple[str, str] | None:
+    """Why a partner certificate cannot be imported, as (message, hint); None if it can."""
+    who = f"certificate {info.subject}"
+    if info.is_ca:
+        return f"{info.subject} is a CA certificate, not a person's or mailbox's", _HINT_PARTNER
+    if now < info.not_before:
+        return (f"{who} is not valid before {info.not_before.isoformat()}",
+                "check the machine's clock or ask the partner for a current certificate")
+    if info.expired:
+        return (f"{who} expired on {info.not_after.isoformat()}",
+                "ask the partner for their renewed certificate")
+    if not info.addresses:
+        return f"{who} names no email address", _HINT_PARTNER
+    if not (info.can_encrypt and usable_for_email):
+        return (f"{who} cannot be used to encrypt email to it (the hub needs an RSA key allowed "
+                "for key encipherment and email protection)",
+                "ask the partner for an RSA S/MIME encryption certificate")
+    if expected_address and expected_address.lower() not in {a.lower() for a in info.addresses}:
+        return (f"certificate is for {', '.join(info.addresses)}, not {expected_address}",
+                "import the certificate that belongs to this address")
+    return None
+
+
 def check_partner_cert(
     data: bytes, expected_address: str | None = None, now: dt.datetime | None = None
 ) -> tuple[CertInfo, list[x509.Certificate]]:
@@ -251,40 +264,13 @@ def check_partner_cert(
             "the file contains a private key; the hub never imports a partner's private key",
             hint="export only the certificate (public part) and import that",
         )
-    chain = _leaf_first(load_certs(data))
-    leaf = chain[0]
-    info = cert_info(leaf, now)
     now = now or _utcnow()
-    if info.is_ca:
-        raise KeyImportError(
-            f"{info.subject} is a CA certificate, not a person's or mailbox's certificate",
-            hint=_HINT_PARTNER,
-        )
-    if now < info.not_before:
-        raise KeyImportError(
-            f"certificate {info.subject} is not valid before {info.not_before.isoformat()}",
-            hint="check the machine's clock or ask the partner for a current certificate",
-        )
-    if info.expired:
-        raise KeyImportError(
-            f"certificate {info.subject} expired on {info.not_after.isoformat()}",
-            hint="ask the partner for their renewed certificate",
-        )
-    if not info.addresses:
-        raise KeyImportError(
-            f"certificate {info.subject} names no email address", hint=_HINT_PARTNER
-        )
-    if not info.can_encrypt or not for_email(leaf):
-        raise KeyImportError(
-            f"certificate {info.subject} cannot be used to encrypt email to it "
-            "(the hub needs an RSA key allowed for key encipherment and email protection)",
-            hint="ask the partner for an RSA S/MIME encryption certificate",
-        )
-    if expected_address and expected_address.lower() not in {a.lower() for a in info.addresses}:
-        raise KeyImportError(
-            f"certificate is for {', '.join(info.addresses)}, not {expected_address}",
-            hint="import the certificate that belongs to this address",
-        )
+    chain = _leaf_first(load_certs(data))
+    info = cert_info(chain[0], now)
+    problem = partner_refusal(info, for_email(chain[0]), expected_address, now)
+    if problem:
+        log.info("refused a partner certificate: %s", problem[0])
+        raise KeyImportError(problem[0], hint=problem[1])
     return info, chain
 
 

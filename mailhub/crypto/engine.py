@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 
@@ -67,6 +68,12 @@ class CryptoEngine:
             return await asyncio.to_thread(protect_bytes, raw, job)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, protect_bytes, raw, job)
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """Run any picklable crypto function (e.g. opening inbound mail) in the pool."""
+        if self._pool is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def protect_sync(self, raw: bytes, job: ProtectJob) -> bytes:
         if self._pool is None:

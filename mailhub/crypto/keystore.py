@@ -32,7 +32,7 @@ class ImportOutcome:
     changed: list[str]  # addresses whose key differs from one already held
 
 
-def _naive_utc(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
     """Aware UTC (the database stores aware UTC; a naive value is taken as UTC)."""
     if value is None:
         return None
@@ -65,7 +65,7 @@ def _upsert(session: Session, rec: KeyRecord, changed: list[str]) -> KeyRecord:
 
 def _openpgp_record(info: KeyInfo, address: str, *, own: bool, source: str) -> KeyRecord:
     return KeyRecord(address=address.lower(), kind="openpgp", fingerprint=info.fingerprint,
-                     expires=_naive_utc(info.expires), source=source, own=own,
+                     expires=as_utc(info.expires), source=source, own=own,
                      revoked=info.revoked, usable=info.usable_for_encryption,
                      unusable_reason="" if info.usable_for_encryption else "no usable encryption key")
 
@@ -91,7 +91,7 @@ def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOut
             for addr in info.addresses:
                 records.append(_upsert(session, KeyRecord(
                     address=addr.lower(), kind="smime", fingerprint=info.fingerprint,
-                    expires=_naive_utc(info.not_after), source="imported", material=pem),
+                    expires=as_utc(info.not_after), source="imported", material=pem),
                     changed))
         for rec in records:
             audit.append(session, "keys", "key-imported",
@@ -129,7 +129,7 @@ def record_own_keys(hub) -> list[KeyRecord]:  # type: ignore[no-untyped-def]
             for addr in ident.addresses or ("hub@" + hub.domain,):
                 out.append(_upsert(session, KeyRecord(
                     address=addr.lower(), kind="smime", fingerprint=ident.fingerprint,
-                    expires=_naive_utc(ident.cert.not_valid_after_utc), source="hub", own=True,
+                    expires=as_utc(ident.cert.not_valid_after_utc), source="hub", own=True,
                     material=pem), changed))
         session.commit()
     return out

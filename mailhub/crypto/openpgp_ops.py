@@ -130,7 +130,11 @@ def _key_problem(run: GpgRun) -> KeyUnusable | None:
     for s in run.status:
         if s[0] in ("INV_RECP", "INV_SGNR") and len(s) > 1:
             who = s[2] if len(s) > 2 else "?"
-            return KeyUnusable(who, _INVALID_KEY.get(s[1], f"code {s[1]}"),
+            reason = _INVALID_KEY.get(s[1], f"code {s[1]}")
+            skipped = re.search(rb"skipped: ([^\n]+)", run.stderr)
+            if s[1] == "0" and skipped:  # e.g. "Unusable public key" (revoked or expired)
+                reason = skipped.group(1).decode("utf-8", "replace").strip().lower()
+            return KeyUnusable(who, reason,
                                role="recipient" if s[0] == "INV_RECP" else "signing")
     return None
 

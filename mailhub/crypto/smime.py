@@ -1,5 +1,8 @@
 """Outbound S/MIME (RFC 8551): sign, then envelope, with the real headers protected inside.
 
+The raw-MIME helpers at the top are shared with the inbound side (smime_inbound), which must
+work on exact bytes because a detached signature covers them.
+
 The shape is what Thunderbird, Outlook and Apple Mail read: application/pkcs7-mime
 (smime-type=enveloped-data) whose plaintext is a multipart/signed entity; the signed entity
 carries the real Subject/From/To/... (protected-headers="v1") and the outer Subject is "...".
@@ -11,15 +14,18 @@ them; parsed keys are cached per process.
 from __future__ import annotations
 
 import base64
+import binascii
 import email.encoders
+import email.header
 import email.policy
 import functools
 import logging
 import quopri
+import re
 import secrets
 from collections.abc import Sequence
 from email.generator import BytesGenerator
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from io import BytesIO
 
@@ -30,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from mailhub.crypto.certs import Identity, load_certs, load_identity
-from mailhub.errors import CryptoError
+from mailhub.errors import CryptoError, DecryptionFailed
 
 log = logging.getLogger("mailhub.crypto")
 
@@ -46,6 +52,7 @@ DROP = frozenset({"bcc", "resent-bcc", "received", "return-path", "delivered-to"
 _MAX_LINE = 998  # RFC 5322 line limit; relays may fold longer lines
 _SIGNED_OPTIONS = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
 
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 field name (an mbox "From " is not)
 Field = tuple[str, bytes]  # (lower-case name, the whole raw field including folds and CRLF)
 
 
@@ -62,6 +69,8 @@ def split_message(raw: bytes) -> tuple[list[Field], bytes]:
     end = raw.find(b"\r\n\r\n")
     if raw.startswith(CRLF):
         head, body = b"", raw[2:]
+    elif not _FIELD_NAME.match(raw):  # an entity without headers: all of it is body
+        head, body = b"", raw
     elif end < 0:
         head, body = raw, b""
     else:
@@ -71,10 +80,52 @@ def split_message(raw: bytes) -> tuple[list[Field], bytes]:
         if line[:1] in (b" ", b"\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, value + line + CRLF)
-        elif b":" in line and line[:1] not in (b" ", b"\t"):
-            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+        elif _FIELD_NAME.match(line):
+            name = line.split(b":", 1)[0].rstrip(b" \t").decode("ascii").lower()
             fields.append((name, line + CRLF))
     return fields, body
+
+
+def decode_body(headers: Message, body: bytes) -> bytes:
+    """The part's body with its transfer encoding undone; strict base64 catches truncation."""
+    cte = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
+    if cte == "base64":
+        compact = body.translate(None, b" \t\r\n")
+        if len(compact) % 4:
+            raise DecryptionFailed("truncated base64 in the S/MIME part")
+        try:
+            return base64.b64decode(compact, validate=True)
+        except binascii.Error as exc:
+            raise DecryptionFailed(f"corrupt base64 in the S/MIME part: {exc}") from exc
+    if cte == "quoted-printable":
+        return quopri.decodestring(body)
+    return body
+
+
+def multipart_parts(body: bytes, boundary: str) -> list[bytes]:
+    """Parts of a multipart body, byte exact; the CRLF before a delimiter is not content."""
+    marker = b"--" + boundary.encode("utf-8", "replace")
+    parts: list[bytes] = []
+    start: int | None = None
+    pos = 0
+    while (at := body.find(marker, pos)) >= 0:
+        pos = at + 1
+        if at and body[at - 2 : at] != b"\r\n":
+            continue  # not at the start of a line
+        after = at + len(marker)
+        close = body[after : after + 2] == b"--"
+        eol = body.find(b"\r\n", after)
+        line_end = len(body) if eol < 0 else eol
+        if body[after + 2 if close else after : line_end].strip(b" \t"):
+            continue  # a longer boundary that merely starts with ours
+        if start is not None:
+            parts.append(body[start : max(at - 2, start)])
+        if close:
+            return parts
+        start = pos = min(line_end + 2, len(body))
+    if start is not None:
+        parts.append(body[start:])
+    return parts
 
 
 def _is_content(name: str) -> bool:
@@ -82,6 +133,8 @@ def _is_content(name: str) -> bool:
 
 
 def _field(name: str, value: str) -> Field:
+    if not value.isascii():
+        value = email.header.Header(value, "utf-8", header_name=name).encode()
     return name.lower(), f"{name}: {value}".encode("ascii") + CRLF
 
 
@@ -112,7 +165,7 @@ def _needs_encoding(data: bytes) -> bool:
 
 def _seven_bit(raw: bytes) -> bytes:
     """Re-encode 8-bit or over-long bodies (QP/base64) so no relay can alter signed bytes."""
-    fields, body = split_message(raw)
+    _fields, body = split_message(raw)
     if not _needs_encoding(body):
         return raw
     msg = BytesParser(policy=email.policy.default).parsebytes(raw)
@@ -220,6 +273,7 @@ def _sign_encrypt(
     outer = [f for f in others if f[0] in OUTER_KEEP]
     outer.append(_field("Subject", protected_subject))
     outer.append(_field("MIME-Version", "1.0"))
+    log.debug("S/MIME signed and encrypted to %d certificate(s)", len(recipients))
     return b"".join(raw_f for _, raw_f in outer) + enveloped
 
 

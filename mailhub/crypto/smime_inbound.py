@@ -8,13 +8,11 @@ Bad input always raises DecryptionFailed with a reason, never another exception 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import email.policy
 import functools
+import logging
 import os
-import quopri
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
@@ -36,9 +34,11 @@ from mailhub.crypto.certs import (
     load_identity,
     subject_string,
 )
-from mailhub.crypto.smime import parse_lf, split_message, to_crlf
+from mailhub.crypto.smime import decode_body, multipart_parts, parse_lf, split_message, to_crlf
 from mailhub.crypto.smime_verify import SignerCheck, find_cert, verify_signed_data
 from mailhub.errors import DecryptionFailed
+
+log = logging.getLogger("mailhub.crypto")
 
 Encryption = Literal["smime", "none"]
 Signature = Literal["verified", "invalid", "unknown-key", "none"]
@@ -94,47 +94,6 @@ def _headers(fields: list[tuple[str, bytes]]) -> Message:
     return BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
 
 
-def _decode_body(headers: Message, body: bytes) -> bytes:
-    cte = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
-    if cte == "base64":
-        compact = body.translate(None, b" \t\r\n")
-        if len(compact) % 4:
-            raise DecryptionFailed("truncated base64 in the S/MIME part")
-        try:
-            return base64.b64decode(compact, validate=True)
-        except binascii.Error as exc:
-            raise DecryptionFailed(f"corrupt base64 in the S/MIME part: {exc}") from exc
-    if cte == "quoted-printable":
-        return quopri.decodestring(body)
-    return body
-
-
-def _multipart_parts(body: bytes, boundary: str) -> list[bytes]:
-    """Parts of a multipart body, byte exact; the CRLF before a delimiter is not content."""
-    marker = b"--" + boundary.encode("utf-8", "replace")
-    parts: list[bytes] = []
-    start: int | None = None
-    pos = 0
-    while (at := body.find(marker, pos)) >= 0:
-        pos = at + 1
-        if at and body[at - 2 : at] != b"\r\n":
-            continue  # not at the start of a line
-        after = at + len(marker)
-        close = body[after : after + 2] == b"--"
-        eol = body.find(b"\r\n", after)
-        line_end = len(body) if eol < 0 else eol
-        if body[after + 2 if close else after : line_end].strip(b" \t"):
-            continue  # a longer boundary that merely starts with ours
-        if start is not None:
-            parts.append(body[start : max(at - 2, start)])
-        if close:
-            return parts
-        start = pos = min(line_end + 2, len(body))
-    if start is not None:
-        parts.append(body[start:])
-    return parts
-
-
 def _kind(headers: Message) -> str:
     ctype = headers.get_content_type()
     filename = str(headers.get_param("name", "") or headers.get_filename("") or "").lower()
@@ -152,7 +111,6 @@ class _GcmParams(core.Sequence):
     """GCMParameters (RFC 5084), which asn1crypto does not define."""
 
     _fields = [("aes_nonce", core.OctetString), ("aes_icvlen", core.Integer, {"default": 12})]
-
 
 
 def _rid_matches(rid: cms.RecipientIdentifier, ident: Identity) -> bool:
@@ -271,14 +229,14 @@ def _layer(raw: bytes, state: _State) -> bytes:
         if kind == "signed":
             raw = _detached(headers, body, state)
         else:
-            raw = _opaque(_decode_body(headers, body), state)
+            raw = _opaque(decode_body(headers, body), state)
 
 
 def _detached(headers: Message, body: bytes, state: _State) -> bytes:
     boundary = headers.get_param("boundary")
     if not isinstance(boundary, str) or not boundary:
         raise DecryptionFailed("multipart/signed without a boundary")
-    parts = _multipart_parts(body, boundary)
+    parts = multipart_parts(body, boundary)
     if len(parts) < 2:
         raise DecryptionFailed("the multipart/signed message lacks its signature part")
     sig_fields, sig_body = split_message(parts[1])
@@ -290,7 +248,7 @@ def _detached(headers: Message, body: bytes, state: _State) -> bytes:
             f"unexpected signature part {sig_headers.get_content_type()} in multipart/signed"
         )
     check, _ = verify_signed_data(
-        _decode_body(sig_headers, sig_body), parts[0], state.known_certs, state.now
+        decode_body(sig_headers, sig_body), parts[0], state.known_certs, state.now
     )
     state.checks.append(check)
     return parts[0]
@@ -355,11 +313,15 @@ def unwrap(
         outer_fields, _ = split_message(raw)
         inner = _layer(raw, state)
         readable = merge_headers(outer_fields, inner) if state.layers else raw
-    except DecryptionFailed:
+    except DecryptionFailed as exc:
+        log.info("S/MIME message refused: %s", exc.message)
         raise
     except Exception as exc:  # the promise: bad input never escapes as another type
+        log.info("S/MIME message unreadable: %s", type(exc).__name__)
         raise DecryptionFailed(f"unreadable S/MIME message: {exc}") from exc
     check = _signature(state.checks)
+    log.debug("S/MIME opened: layers=%d encrypted=%s signature=%s", state.layers,
+              bool(state.encrypted_with), check.status if check else "none")
     cert = check.cert if check else None
     return Unwrapped(
         raw=readable,

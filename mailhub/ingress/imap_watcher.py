@@ -48,6 +48,7 @@ __all__ = [
 log = logging.getLogger("mailhub.imap")
 
 UNFILED_KEYWORD = "$MailhubUnfiled"
+FIRST_IDLE_ROUND = 1.0  # seconds; see ImapWatcher._wait
 
 
 class ConnectionLost(MailhubError):
@@ -135,6 +136,7 @@ class ImapWatcher:
         self._unexpunged: dict[tuple[str, int], set[int]] = {}
         self._uidnext: dict[str, int | None] = {}  # per watched folder, as of its last pass
         self.stats = WatchStats()
+        self.idling = threading.Event()  # set while waiting in IDLE (status, tests)
 
     # -- public life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -164,6 +166,7 @@ class ImapWatcher:
             try:
                 self._pass(client, CaseFolders(client, self.settings.case_folder_prefix))
             finally:
+                self.idling.clear()
                 close_quietly(client)
             return WatchStats(**{k: getattr(self.stats, k) - getattr(before, k)
                                  for k in vars(before)})
@@ -196,6 +199,7 @@ class ImapWatcher:
                             s.host, s.port, exc, delay)
                 self._stop.wait(delay)
             finally:
+                self.idling.clear()
                 close_quietly(client)
 
     def _wait(self, client: IMAPClient) -> None:
@@ -213,17 +217,32 @@ class ImapWatcher:
             status = client.folder_status(other, [b"UIDNEXT"])
             if status.get(b"UIDNEXT") != self._uidnext.get(other):
                 return
-        client.idle()
         deadline = time.monotonic() + limit
+        # A short first round: an EXISTS sent together with IDLE's "+" may sit unread in
+        # imaplib's buffer (select() cannot see it); DONE reads it.
+        round_length = FIRST_IDLE_ROUND
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self._idle_round(client, min(deadline, time.monotonic() + round_length)):
+                return
+            round_length = limit
+
+    def _idle_round(self, client: IMAPClient, until: float) -> bool:
+        """One IDLE ... DONE; True when the server announced new mail."""
+        client.idle()
+        self.idling.set()
         woke = False
-        while not woke and not self._stop.is_set() and time.monotonic() < deadline:
+        while not woke and not self._stop.is_set() and time.monotonic() < until:
+            if _buffered(client):
+                break  # already received with an earlier line: DONE below reads it
             if not _readable(client, 0.5):
                 continue
             responses = client.idle_check(timeout=0)
             if not responses or any(r and r[0] == b"BYE" for r in responses):
                 raise ConnectionLost("the IMAP server closed the connection during IDLE")
-            woke = any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
-        client.idle_done()
+            woke = _announces_mail(responses)
+        self.idling.clear()
+        _text, responses = client.idle_done()
+        return woke or _announces_mail(responses)
 
     # -- one pass ------------------------------------------------------------------------------
     def _pass(self, client: IMAPClient, folders: CaseFolders) -> None:
@@ -329,6 +348,11 @@ class ImapWatcher:
         return True
 
 
+def _announces_mail(responses: list[Any]) -> bool:
+    return any(isinstance(r, tuple) and len(r) > 1 and r[1] in (b"EXISTS", b"RECENT")
+               for r in responses)
+
+
 def _uidvalidity(select_response: dict[bytes, Any]) -> int:
     return int(select_response.get(b"UIDVALIDITY", 0))
 
@@ -340,3 +364,24 @@ def _readable(client: IMAPClient, timeout: float) -> bool:
         return True
     ready, _, _ = select.select([sock], [], [], timeout)
     return bool(ready)
+
+
+def _buffered(client: IMAPClient) -> bool:
+    """Whether imaplib's reader already holds unread server bytes (select() cannot see them).
+
+    Reads imaplib's buffered file (not a public API: without it, the short first IDLE round
+    still bounds the delay).
+    """
+    reader = getattr(getattr(client, "_imap", None), "file", None)
+    peek = getattr(reader, "peek", None)
+    if peek is None:
+        return False
+    sock = client.socket()
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return bool(peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+        return False
+    finally:
+        sock.settimeout(timeout)

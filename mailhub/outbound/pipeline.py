@@ -19,6 +19,8 @@ from email.utils import format_datetime, getaddresses, make_msgid
 
 from sqlmodel import Session
 
+from mailhub.crypto.autocrypt import make_header as make_autocrypt_header
+from mailhub.crypto.autocrypt import unfold as autocrypt_unfold
 from mailhub.crypto.engine import CryptoEngine, ProtectJob
 from mailhub.errors import MailhubError
 from mailhub.outbound.queueing import QueueWriter, RowSpec
@@ -78,16 +80,25 @@ class OutboundPipeline:
         self.on_queued = on_queued
         self.writer = writer or QueueWriter(hub)
         self.case_hook = case_hook
-        self._signers: tuple[float, str, bytes, bytes] | None = None
+        self._signers: tuple[float, str, bytes, bytes, bytes] | None = None
 
-    def _signer_material(self) -> tuple[str, bytes, bytes]:
-        """The hub's newest OpenPGP fingerprint and S/MIME key/cert, re-read every minute."""
+    def _signer_material(self) -> tuple[str, bytes, bytes, bytes]:
+        """The hub's newest OpenPGP fingerprint (and its minimal binary public key, for the
+        Autocrypt header) and S/MIME key/cert, re-read every minute."""
         now = time.monotonic()
         if self._signers is None or now - self._signers[0] > 60:
             fpr = self.hub.keys.openpgp_signer().fingerprint
+            binary = self.hub.keys.keyring.export_public_binary(fpr, minimal=True)
             ident = self.hub.keys.smime_signer()
-            self._signers = (now, fpr, ident.key_pem(), ident.cert_pem())
-        return self._signers[1], self._signers[2], self._signers[3]
+            self._signers = (now, fpr, ident.key_pem(), ident.cert_pem(), binary)
+        return self._signers[1], self._signers[2], self._signers[3], self._signers[4]
+
+    def autocrypt_header(self, raw: bytes, binary: bytes) -> str:
+        """Our Autocrypt header for the From address (replies then encrypt to the hub's key)."""
+        froms = [a for _, a in getaddresses([get_header(raw, "From") or ""]) if a]
+        if len(froms) != 1:
+            return ""
+        return autocrypt_unfold(make_autocrypt_header(froms[0], binary, prefer_encrypt=True))
 
     def prepare(self, sm: SpooledMessage) -> Prepared:
         cfg = self.hub.config
@@ -114,13 +125,15 @@ class OutboundPipeline:
             groups.setdefault(key, []).append(rcpt)
         if not groups:
             return []
-        fpr, key_pem, cert_pem = self._signer_material()
+        fpr, key_pem, cert_pem, binary = self._signer_material()
+        autocrypt = self.autocrypt_header(prep.raw, binary)
         out = []
         for (method, _), rcpts in groups.items():
             if method == "openpgp":
                 fprs = tuple(dict.fromkeys([*(prep.decisions[r].key_fingerprint or "" for r in rcpts), fpr]))
                 job = ProtectJob("openpgp", gnupghome=str(self.hub.keys.gnupg_home),
-                                 signer_fpr=fpr, recipient_fprs=fprs)
+                                 signer_fpr=fpr, recipient_fprs=fprs,
+                                 autocrypt_header=autocrypt)
             else:
                 certs = []
                 for r in rcpts:

@@ -91,11 +91,13 @@ class Payload(SQLModel, table=True):
 
 
 class Patient(SQLModel, table=True):
+    """The patient of one case (a row per case, so one journey's zone never moves another's)."""
+
     __tablename__ = "patients"
     id: int | None = Field(default=None, primary_key=True)
     name: str
-    email: str = Field(index=True)
-    timezone: str = "UTC"
+    email: str = Field(index=True)  # normalized (normalize_address): the patient's identity
+    timezone: str = "UTC"  # the patient's home zone
     language: str = "en"
 
 
@@ -130,7 +132,7 @@ class Case(SQLModel, table=True):
 
 
 class CaseCounter(SQLModel, table=True):
-    """Next case number per year (case ids are MT-<year>-<number>)."""
+    """Next case number per year (case ids are MT-<year>-<number>), bumped by one upsert."""
 
     __tablename__ = "case_counters"
     year: int = Field(primary_key=True)
@@ -138,6 +140,8 @@ class CaseCounter(SQLModel, table=True):
 
 
 class Participant(SQLModel, table=True):
+    """An address taking part in a case: mail it sends by tag or Message-ID is verified."""
+
     __tablename__ = "participants"
     __table_args__ = (UniqueConstraint("case_id", "address", name="uq_participant"),)
     id: int | None = Field(default=None, primary_key=True)
@@ -147,29 +151,33 @@ class Participant(SQLModel, table=True):
 
 
 class StoredMessage(SQLModel, table=True):
-    """A message in a case file. Subject and body are sealed; threading metadata is clear."""
+    """A message in a case file. Subject and the whole message are sealed; threading metadata
+    is clear. ``message_id_norm`` and ``message_refs.ref_norm`` hold lookup keys (the
+    normalized id, or a digest of it when very long: ``mailhub.cases.store.msgid_key``)."""
 
     __tablename__ = "messages"
     __table_args__ = (
-        Index("ix_messages_msgid", "message_id_norm"),
+        UniqueConstraint("message_id_norm", "body_digest", name="uq_messages_msgid_body"),
         Index("ix_messages_case_received", "case_id", "received_at"),
     )
     id: int | None = Field(default=None, primary_key=True)
     case_id: str = Field(foreign_key="cases.id")
-    message_id: str  # as in the header, with angle brackets
+    message_id: str = Field(sa_column=Column(Text, nullable=False))  # as in the header, <...>
     message_id_norm: str
-    in_reply_to: str = Field(default="", sa_column=Column(Text))
-    references: str = Field(default="", sa_column=Column(Text))
+    message_id_assigned: bool = False  # the message had none; the hub gave it this one
+    in_reply_to: str = Field(default="", sa_column=Column(Text))  # normalized ids, space-separated
+    references: str = Field(default="", sa_column=Column(Text))  # normalized, capped, space-sep.
     direction: str  # in | out
     from_addr: str = ""
     to_addrs: str = Field(default="[]", sa_column=Column(Text))  # JSON list
     subject_sealed: bytes = Field(default=b"", sa_column=Column(LargeBinary))
-    body_sealed: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    body_sealed: bytes | None = Field(default=None, sa_column=Column(LargeBinary))  # whole message
     encryption: str = "none"
     signature: str = "none"
     signer: str = ""
     size: int = 0
     digest: str = Field(index=True, unique=True)  # sha256 of the raw message (dedupe)
+    body_digest: str = ""  # sha256 of the body, line endings normalized (dedupe with Message-ID)
     unverified_sender: bool = False
     thread_reason: str = ""
     received_at: datetime = Field(default_factory=utcnow)
@@ -189,9 +197,12 @@ class MessageRef(SQLModel, table=True):
 
 
 class Attachment(SQLModel, table=True):
+    """Attachment metadata; the content stays inside the sealed message, the name is sealed."""
+
     __tablename__ = "attachments"
     id: int | None = Field(default=None, primary_key=True)
     message_pk: int = Field(foreign_key="messages.id", index=True)
+    position: int = 0
     filename_sealed: bytes = Field(default=b"", sa_column=Column(LargeBinary))
     content_type: str = ""
     size: int = 0

@@ -231,3 +231,22 @@ def test_plain_mail_passes_through_and_inner_protection_header_is_dropped(
     opened = _open(raw, parties)
     assert opened.message["Mailhub-Protection"] is None
     assert opened.message["Subject"] == "[MT-2026-0042] Lab results ID:77"
+
+
+def test_signer_found_among_known_certs_when_the_message_carries_none(
+    parties: dict[str, Party], tmp_path: Path
+) -> None:
+    raw = _sign(tmp_path, parties["clinic"], ENTITY, "-nocerts", *HEADERS)
+    assert _open(raw, parties, "clinic").signature == "verified"
+    stranger = _open(raw, parties)
+    assert (stranger.signature, stranger.signer) == ("unknown-key", None)
+    assert stranger.protection_header() == "encryption=none; signature=unknown-key"
+
+
+def test_encrypted_content_without_mime_headers_is_all_body(
+    parties: dict[str, Party], tmp_path: Path
+) -> None:
+    raw = _encrypt(tmp_path, b"hello world ID:5\n", parties["hub"], extra=("-binary", *HEADERS))
+    result = _open(raw, parties)
+    assert result.message.get_content() == "hello world ID:5\n"
+    assert result.message["Subject"] == "Lab results"

@@ -57,12 +57,13 @@ def test_idle_wakes_the_watcher_without_waiting_for_the_poll(
     watcher = ImapWatcher(settings_for(dovecot, poll_interval=3600.0), memory_hub.ingest)
     watchers.append(watcher)
     watcher.start()
-    wait_until(lambda: watcher.stats.passes >= 1, what="the first pass")
+    wait_until(watcher.idling.is_set, what="the watcher to enter IDLE")
+    passes = watcher.stats.passes
     msg = make_message(CASE, PATIENT, "idle")
     drop(dovecot, msg)  # only IDLE can bring this in: the next poll is an hour away
     wait_until(lambda: filed_exactly_once(dovecot, msg), what="IDLE to deliver the message")
     assert folder_bodies(dovecot, "INBOX") == []
-    assert watcher.stats.reconnects == 0
+    assert watcher.stats.reconnects == 0 and watcher.stats.passes == passes + 1
 
 
 def test_polls_when_the_server_has_neither_idle_nor_uidplus(

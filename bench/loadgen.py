@@ -1,0 +1,287 @@
+"""SMTP load for the benchmark: a lean asyncio client, a counting sink and a bare aiosmtpd server.
+
+The client and the sink are written against raw asyncio streams rather than smtplib/aiosmtpd so
+that their own cost stays small next to what is measured: the relay (or the bare aiosmtpd server)
+is the thing under test, not the load generator. The sink speaks STARTTLS because plaintext
+exceptions may only leave the hub over TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import multiprocessing
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+
+CRLF = b"\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_message(size: int, message_id: str, sender: str, rcpt: str, seq: int = 0) -> bytes:
+    """A plain text message of about ``size`` bytes (CRLF, no line starting with a dot)."""
+    head = (f"From: Coordinator <{sender}>\r\nTo: <{rcpt}>\r\nSubject: bench {seq} pre-op notes\r\n"
+            f"Date: Mon, 05 Jan 2026 10:00:00 +0000\r\nMessage-ID: {message_id}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+            "Content-Transfer-Encoding: 7bit\r\n\r\n").encode()
+    line = b"Patient notes: Hb 13.2, INR 1.0, no known allergies, fit for travel. xxxxxx" + CRLF
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+@dataclass
+class Item:
+    rcpt: str
+    message_id: str
+    data: bytes  # CRLF, already dot-stuffed where needed
+
+
+@dataclass
+class LoadResult:
+    acked: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    started: float = 0.0
+    last_ack: float = 0.0
+    client_cpu: float = 0.0
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        lines.append(line)
+        if line[3:4] != b"-":
+            return int(line[:3]), b"".join(lines)
+
+
+async def _cmd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               line: bytes) -> tuple[int, bytes]:
+    writer.write(line + CRLF)
+    return await _reply(reader)
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _session(host: str, port: int, items: list[Item], result: LoadResult, *,
+                   sender: str, login: tuple[str, str] | None, tls: bool) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _reply(reader)
+        await _cmd(reader, writer, b"EHLO bench.client")
+        if tls:
+            code, _ = await _cmd(reader, writer, b"STARTTLS")
+            assert code == 220, code
+            await writer.start_tls(client_tls())
+            await _cmd(reader, writer, b"EHLO bench.client")
+        if login:
+            token = base64.b64encode(f"\0{login[0]}\0{login[1]}".encode()).decode()
+            code, text = await _cmd(reader, writer, f"AUTH PLAIN {token}".encode())
+            if code != 235:
+                raise ConnectionError(f"AUTH refused: {text!r}")
+        while items:
+            item = items.pop()
+            code, text = await _cmd(reader, writer, f"MAIL FROM:<{sender}>".encode())
+            if code == 250:
+                code, text = await _cmd(reader, writer, f"RCPT TO:<{item.rcpt}>".encode())
+            if code == 250:
+                code, text = await _cmd(reader, writer, b"DATA")
+            if code == 354:
+                writer.write(item.data)
+                writer.write(b".\r\n")
+                code, text = await _reply(reader)
+                if code == 250:
+                    result.acked.append(item.message_id)
+                    result.last_ack = time.perf_counter()
+                    continue
+            result.refused.append((item.message_id, text.decode("utf-8", "replace")))
+            await _cmd(reader, writer, b"RSET")
+        await _cmd(reader, writer, b"QUIT")
+    finally:
+        writer.close()
+
+
+async def run_load(host: str, port: int, items: list[Item], *, sessions: int, sender: str,
+                   login: tuple[str, str] | None, tls: bool) -> LoadResult:
+    """Send every item over ``sessions`` concurrent sessions (each reused for many messages)."""
+    result = LoadResult()
+    todo = list(reversed(items))
+    cpu0 = time.process_time()
+    result.started = time.perf_counter()
+    outcomes = await asyncio.gather(*(_session(host, port, todo, result, sender=sender,
+                                               login=login, tls=tls) for _ in range(sessions)),
+                                    return_exceptions=True)
+    result.client_cpu = time.process_time() - cpu0
+    result.errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+    return result
+
+
+# --- the counting sink (the smarthost), in its own process -----------------------------------
+
+async def _sink_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        counter: Synchronized, tls: ssl.SSLContext | None) -> None:  # type: ignore[type-arg]
+    writer.write(b"220 sink ESMTP\r\n")
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                ext = b"250-STARTTLS\r\n" if tls and writer.get_extra_info("sslcontext") is None else b""
+                writer.write(b"250-sink\r\n" + ext + b"250-8BITMIME\r\n250-SMTPUTF8\r\n"
+                             b"250 SIZE 104857600\r\n")
+            elif verb == b"STAR" and tls is not None:
+                writer.write(b"220 2.0.0 go ahead\r\n")
+                await writer.drain()
+                await writer.start_tls(tls)
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                with counter.get_lock():
+                    counter.value += 1
+                writer.write(b"250 2.0.0 kept\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+    except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+        return
+    finally:
+        writer.close()
+
+
+def _sink_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  # type: ignore[type-arg]
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: _sink_session(r, w, counter, ctx),
+                                            "127.0.0.1", port, limit=1 << 24)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# --- the bare aiosmtpd reference server, in its own process ----------------------------------
+
+def _bare_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  # type: ignore[type-arg]
+    from aiosmtpd.smtp import SMTP, AuthResult
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    class Discard:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            with counter.get_lock():
+                counter.value += 1
+            return "250 2.0.0 discarded"
+
+    def accept_any(*_: object) -> AuthResult:
+        return AuthResult(success=True)
+
+    handler = Discard()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(handler, hostname="bare", tls_context=ctx, require_starttls=False,
+                         auth_required=True, auth_require_tls=True, authenticator=accept_any,
+                         decode_data=False, data_size_limit=100 * 1024 * 1024),
+            "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+class ServerProcess:
+    """A sink or bare aiosmtpd server in a child process, with a shared message counter."""
+
+    def __init__(self, kind: str, cert: Path, key: Path, port: int | None = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.port = port or free_port()
+        self.counter: Synchronized = ctx.Value("q", 0)  # type: ignore[type-arg]
+        target = _sink_main if kind == "sink" else _bare_main
+        self.proc = ctx.Process(target=target, args=(self.port, self.counter, str(cert), str(key)),
+                                daemon=True)
+
+    def start(self) -> ServerProcess:
+        self.proc.start()
+        wait_port(self.port)
+        return self
+
+    @property
+    def count(self) -> int:
+        return int(self.counter.value)
+
+    def wait_count(self, target: int, timeout: float = 600) -> float:
+        """Wait until the counter reaches ``target``; returns the perf_counter time it did."""
+        end = time.monotonic() + timeout
+        while self.count < target:
+            if time.monotonic() > end:
+                raise TimeoutError(f"sink has {self.count} of {target} messages")
+            time.sleep(0.002)
+        return time.perf_counter()
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid or 0)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(10)
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its descendants (reaped children included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        ppid = int(fields[1])
+        children.setdefault(ppid, []).append(int(entry))
+        stats[int(entry)] = sum(int(f) for f in fields[11:15]) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, 0.0)
+        todo.extend(children.get(p, []))
+    return total

@@ -1,0 +1,256 @@
+"""The relay benchmark: messages/second end to end, each as a ratio to a reference of the same run.
+
+Run from the repository root:  ``python -m bench.relay_bench``  (``--help`` for the knobs).
+
+What is measured, all with the same client load (``--sessions`` concurrent SMTP sessions, each
+doing STARTTLS + AUTH PLAIN once and then sending many messages, one recipient each):
+
+* relay: ``mailhub serve`` (a real subprocess) from submission to the sink smarthost, for the
+  plaintext exception, OpenPGP and S/MIME, at 4 KiB and 200 KiB. The rate counts messages that
+  were acknowledged (250) and then received by the sink, from the first connection to the last
+  message at the sink.
+* bare aiosmtpd: an aiosmtpd server (one process, STARTTLS + AUTH as the hub's submission port)
+  that accepts and discards: the ceiling of any relay built on aiosmtpd in one process.
+* bare gpg: the hub's own sign+encrypt call (``openpgp_ops.sign_encrypt``, same keys, same size)
+  in a loop at the crypto pool's parallelism: gpg's process cost is the floor of OpenPGP.
+* Postfix ``smtp-sink`` fed by ``smtp-source`` (no TLS, no AUTH): the machine's SMTP ceiling.
+* history: the plaintext 4 KiB case again after 10,000 sent rows were added to the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from bench.common import (COORD, PASSWORD, PGP_RCPT, PLAIN_RCPT, SMIME_RCPT, BenchHub, Serve,
+                          cleanup, make_hub, short_tmp)
+from bench.loadgen import Item, ServerProcess, free_port, make_message, run_load, wait_port
+
+SIZES = {"4KiB": 4096, "200KiB": 200 * 1024}
+RCPT = {"plaintext": PLAIN_RCPT, "openpgp": PGP_RCPT, "smime": SMIME_RCPT}
+
+
+@dataclass
+class Row:
+    name: str
+    size: str
+    count: int
+    rate: float
+    cpu_ms: float = 0.0  # CPU of the server side per message (relay: with its crypto workers)
+    note: str = ""
+
+
+def items_for(kind: str, size: int, count: int, tag: str) -> list[Item]:
+    rcpt = RCPT.get(kind, PLAIN_RCPT)
+    out = []
+    for i in range(count):
+        mid = f"<{tag}-{i}@bench.medvoyage.example>"
+        out.append(Item(rcpt, mid, make_message(size, mid, COORD, rcpt, i)))
+    return out
+
+
+def load(port: int, items: list[Item], sessions: int):  # type: ignore[no-untyped-def]
+    result = asyncio.run(run_load("127.0.0.1", port, items, sessions=sessions, sender=COORD,
+                                  login=(COORD, PASSWORD), tls=True))
+    if result.errors or result.refused:
+        raise RuntimeError(f"load errors: {result.errors[:3]} refused: {result.refused[:3]}")
+    return result
+
+
+def relay_case(hub: BenchHub, serve: Serve, sink: ServerProcess, kind: str, size: str,
+               count: int, sessions: int, tag: str) -> Row:
+    items = items_for(kind, SIZES[size], count, tag)
+    base = sink.count
+    cpu0 = serve.cpu()
+    result = load(hub.submission_port, items, sessions)
+    done = sink.wait_count(base + count)
+    cpu = serve.cpu() - cpu0
+    rate = count / (done - result.started)
+    accept = count / (result.last_ack - result.started)
+    return Row(f"relay {kind}", size, count, rate, 1000 * cpu / count,
+               f"accept {accept:.0f}/s, client cpu {1000 * result.client_cpu / count:.2f} ms/msg")
+
+
+def bare_case(bare: ServerProcess, size: str, count: int, sessions: int) -> Row:
+    items = items_for("plaintext", SIZES[size], count, f"bare{size}")
+    base = bare.count
+    cpu0 = bare.cpu()
+    result = load(bare.port, items, sessions)
+    done = bare.wait_count(base + count)
+    cpu = bare.cpu() - cpu0
+    return Row("bare aiosmtpd", size, count, count / (done - result.started),
+               1000 * cpu / count, f"client cpu {1000 * result.client_cpu / count:.2f} ms/msg")
+
+
+def gpg_fingerprints(hub: BenchHub) -> tuple[str, str]:
+    home = str(hub.root / "keys" / "gnupg")
+    out = subprocess.run(["gpg", "--homedir", home, "--batch", "--with-colons", "--list-keys"],
+                         capture_output=True, text=True, check=True).stdout
+    fprs, uids, current = {}, [], None
+    for line in out.splitlines():
+        f = line.split(":")
+        if f[0] == "pub":
+            current = None
+        elif f[0] == "fpr" and current is None:
+            current = f[9]
+        elif f[0] == "uid" and current:
+            uids.append((f[9], current))
+    for uid, fpr in uids:
+        fprs.setdefault("rcpt" if PGP_RCPT in uid else "hub", fpr)
+    return fprs["rcpt"], fprs["hub"]
+
+
+def gpg_case(hub: BenchHub, size: str, count: int, workers: int) -> Row:
+    from mailhub.crypto.openpgp_ops import sign_encrypt
+
+    home = str(hub.root / "keys" / "gnupg")
+    rcpt, me = gpg_fingerprints(hub)
+    data = make_message(SIZES[size], "<gpg@bench>", COORD, PGP_RCPT)
+    sign_encrypt(home, data, [rcpt, me], me)  # warm the agent
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda _: sign_encrypt(home, data, [rcpt, me], me), range(count)))
+    rate = count / (time.perf_counter() - t0)
+    return Row("bare gpg loop", size, count, rate, note=f"{workers} parallel")
+
+
+def postfix_case(size: str, count: int, sessions: int) -> Row | None:
+    sink_bin, source_bin = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink", \
+        shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    if not (os.path.exists(sink_bin) and os.path.exists(source_bin)):
+        return None
+    port = free_port()
+    sink = subprocess.Popen([sink_bin, f"127.0.0.1:{port}", "256"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        t0 = time.perf_counter()
+        subprocess.run([source_bin, "-s", str(sessions), "-m", str(count), "-l",
+                        str(SIZES[size]), "-f", COORD, "-t", PLAIN_RCPT, f"127.0.0.1:{port}"],
+                       check=True, capture_output=True, timeout=600)
+        rate = count / (time.perf_counter() - t0)
+    finally:
+        sink.terminate()
+        sink.wait(10)
+    return Row("postfix smtp-source->smtp-sink", size, count, rate, note="no TLS, no AUTH")
+
+
+def add_history(hub: BenchHub, rows: int) -> None:
+    """Copy one sent row ``rows`` times (distinct source ids) into the queue's sent history."""
+    hub.sql("SELECT 1")
+    import sqlite3
+
+    con = sqlite3.connect(hub.db, timeout=60)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(outbound)") if r[1] not in ("id",
+                                                                                  "source_id")]
+    collist = ", ".join(cols)
+    con.execute(
+        f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+        f"INSERT INTO outbound (source_id, {collist}) SELECT 'history-' || n.i, {collist} "
+        f"FROM n, (SELECT * FROM outbound WHERE status = 'sent' LIMIT 1)", (rows,))
+    con.commit()
+    con.close()
+
+
+def print_table(rows: list[Row], ratios: list[tuple[str, float, float, float]]) -> None:
+    print(f"\n{'case':34} {'size':>7} {'msgs':>6} {'msg/s':>9} {'cpu ms/msg':>11}  note")
+    for r in rows:
+        cpu = f"{r.cpu_ms:.2f}" if r.cpu_ms else "-"
+        print(f"{r.name:34} {r.size:>7} {r.count:>6} {r.rate:>9.1f} {cpu:>11}  {r.note}")
+    print(f"\n{'ratio':58} {'value':>6} {'target':>7}")
+    for name, value, target, _ in ratios:
+        verdict = "ok" if value >= target else "BELOW"
+        print(f"{name:58} {value:>6.2f} {'>= ' + str(target):>7}  {verdict}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=8, help="concurrent client sessions")
+    ap.add_argument("--small", type=int, default=3000, help="messages per 4 KiB plaintext run")
+    ap.add_argument("--large", type=int, default=600, help="messages per 200 KiB run")
+    ap.add_argument("--crypto-small", type=int, default=1500, help="messages per 4 KiB crypto run")
+    ap.add_argument("--history", type=int, default=10000, help="sent rows added before the "
+                                                                "history run (0: skip)")
+    ap.add_argument("--keep", action="store_true", help="keep the instance folder")
+    args = ap.parse_args()
+
+    root = short_tmp()
+    sink_port = free_port()
+    hub = make_hub(root, sink_port)
+    sink = ServerProcess("sink", hub.tls_cert, hub.tls_key, port=sink_port).start()
+    serve = Serve(hub).start()
+    rows: list[Row] = []
+    by: dict[tuple[str, str], Row] = {}
+    workers = os.cpu_count() or 1
+    try:
+        for kind in RCPT:  # warm-up: crypto workers, gpg-agent, connections
+            relay_case(hub, serve, sink, kind, "4KiB", 40, args.sessions, f"warm-{kind}")
+        for size in SIZES:
+            for kind in RCPT:
+                n = args.large if size == "200KiB" else (
+                    args.small if kind == "plaintext" else args.crypto_small)
+                row = relay_case(hub, serve, sink, kind, size, n, args.sessions, f"{kind}{size}")
+                rows.append(row)
+                by[(row.name, size)] = row
+                print(f"{row.name} {size}: {row.rate:.1f} msg/s", flush=True)
+        if args.history:
+            add_history(hub, args.history)
+            row = relay_case(hub, serve, sink, "plaintext", "4KiB", args.small, args.sessions,
+                             "history")
+            row.name = f"relay plaintext +{args.history} sent"
+            rows.append(row)
+            by[("history", "4KiB")] = row
+        serve.stop()
+        bare = ServerProcess("bare", hub.tls_cert, hub.tls_key).start()
+        try:
+            for size in SIZES:
+                load(bare.port, items_for("plaintext", SIZES[size], 40, f"warm{size}"),
+                     args.sessions)
+                row = bare_case(bare, size, args.small if size == "4KiB" else args.large,
+                                args.sessions)
+                rows.append(row)
+                by[(row.name, size)] = row
+        finally:
+            bare.stop()
+        for size in SIZES:
+            row = gpg_case(hub, size, args.crypto_small if size == "4KiB" else args.large,
+                           workers)
+            rows.append(row)
+            by[(row.name, size)] = row
+        for size in SIZES:
+            pf = postfix_case(size, 20000 if size == "4KiB" else 4000, args.sessions)
+            if pf:
+                rows.append(pf)
+    finally:
+        serve.kill()
+        sink.stop()
+        if not args.keep:
+            cleanup(root)
+        else:
+            print(f"instance kept in {root}")
+
+    ratios: list[tuple[str, float, float, float]] = []
+    for size in SIZES:
+        plain = by[("relay plaintext", size)].rate
+        ratios.append((f"{size} relay plaintext / bare aiosmtpd", plain /
+                       by[("bare aiosmtpd", size)].rate, 0.5, 0))
+        ratios.append((f"{size} relay S/MIME / relay plaintext",
+                       by[("relay smime", size)].rate / plain, 0.6, 0))
+        ratios.append((f"{size} relay OpenPGP / bare gpg loop",
+                       by[("relay openpgp", size)].rate / by[("bare gpg loop", size)].rate,
+                       0.7, 0))
+    if ("history", "4KiB") in by:
+        ratios.append((f"4KiB relay plaintext with {args.history} sent rows / without",
+                       by[("history", "4KiB")].rate / by[("relay plaintext", "4KiB")].rate,
+                       0.8, 0))
+    print_table(rows, ratios)
+
+
+if __name__ == "__main__":
+    main()
