@@ -186,8 +186,11 @@ def _sink_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  
 # --- the bare aiosmtpd reference server, in its own process ----------------------------------
 
 def _bare_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  # type: ignore[type-arg]
+    import warnings
+
     from aiosmtpd.smtp import SMTP, AuthResult
 
+    warnings.simplefilter("ignore")  # aiosmtpd warns about its own login_data on every AUTH
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
 

@@ -126,7 +126,8 @@ def postfix_case(size: str, count: int, sessions: int) -> Row | None:
     if not (os.path.exists(sink_bin) and os.path.exists(source_bin)):
         return None
     port = free_port()
-    sink = subprocess.Popen([sink_bin, f"127.0.0.1:{port}", "256"],
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses to run as root
+    sink = subprocess.Popen([sink_bin, *user, f"127.0.0.1:{port}", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

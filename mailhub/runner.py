@@ -227,6 +227,7 @@ def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
     server.inbound_gate = InboundGate(hub, server.crypto)
     inbound = InboundFlow(hub, server.writer, on_queued=server.delivery.wake)
     server.processors["inbound"] = inbound.process
+    server.pipeline.case_hook = _outbound_case_hook(hub)
 
     async def auto_release_loop(stop: asyncio.Event) -> None:
         from mailhub.outbound.release import auto_release
@@ -246,3 +247,18 @@ def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
 
     server.extra_tasks.append(auto_release_loop)
     return server
+
+
+def _outbound_case_hook(hub: Hub):  # type: ignore[no-untyped-def]
+    """Files a coordinator's message into its case; the record notes how it will travel."""
+    from mailhub.cases.filing import file_outbound
+    from mailhub.crypto.protection import Protection
+
+    def hook(session, prep):  # type: ignore[no-untyped-def]
+        methods = {d.method for d in prep.decisions.values() if d.action == "encrypt"}
+        enc = methods.pop() if len(methods) == 1 else ("openpgp" if methods else "none")
+        prot = Protection(enc, "verified" if enc != "none" else "none")
+        return file_outbound(session, hub, prep.raw, prep.sender, list(prep.decisions),
+                             protection=prot)
+
+    return hook

@@ -11,9 +11,9 @@ import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from typing import Any
 
 from mailhub.errors import CryptoError
 

@@ -18,6 +18,7 @@ never returned as if it were plaintext.
 from __future__ import annotations
 
 import io
+import logging
 import mimetypes
 import re
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from typing import NamedTuple
 from mailhub.crypto.openpgp_ops import DecryptOutcome, decrypt, verify_detached
 from mailhub.crypto.protection import strip_protection_headers
 from mailhub.errors import DecryptionFailed, MailhubError
+
+log = logging.getLogger("mailhub.crypto")
 
 MAX_DEPTH = 24
 _RANK = {"none": 0, "verified": 1, "unknown-key": 2, "invalid": 3}
@@ -287,7 +290,13 @@ def _inline_text(part: Message, payload: bytes, ctx: _Ctx) -> tuple[Message, lis
         outside += before
         pieces.append(_decode(before, charset))
         block = payload[begin.start():end.end()]
-        out = ctx.decrypt(block)
+        try:
+            out = ctx.decrypt(block)
+        except DecryptionFailed:
+            if begin.group(1) == b"MESSAGE":
+                raise
+            # A clearsigned text whose signature cannot be read is still readable text.
+            out = DecryptOutcome(block, "invalid", None, False)
         block_cs = _CHARSET_HDR.search(block) if begin.group(1) == b"MESSAGE" else None
         pieces.append(_decode(out.plaintext,
                               block_cs.group(1).decode("ascii") if block_cs else charset))
@@ -355,7 +364,8 @@ def unwrap(msg: Message | bytes, *, gnupghome: str, passphrase: str | None = Non
         return Unwrapped(result, encryption, signature, signer, ctx.was_pgp)
     except MailhubError:
         raise
-    except (RecursionError, ValueError, TypeError, LookupError, AttributeError,
-            IndexError, UnicodeError) as exc:
+    except Exception as exc:  # malformed MIME must become a clear refusal, never a crash
+        log.warning("unreadable inbound message structure: %s", type(exc).__name__,
+                    exc_info=True)
         raise DecryptionFailed(f"cannot read this message's MIME structure "
                                f"({type(exc).__name__})") from exc

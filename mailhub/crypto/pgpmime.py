@@ -41,6 +41,8 @@ OUTER_KEEP = ("from", "to", "cc", "reply-to", "date", "message-id", "in-reply-to
 DROPPED = ("bcc", "resent-bcc", "autocrypt", "autocrypt-gossip", "openpgp", "mailhub-protection",
            "mime-version")
 _FLAT = policy.SMTP  # CRLF, 8bit allowed inside the ciphertext
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 
 
 def _flatten(part: Message) -> bytes:
@@ -60,17 +62,6 @@ def _share_content(src: Message, dst: Message, *, deep: bool = False) -> None:
     dst.preamble = src.preamble
     dst.epilogue = src.epilogue
     dst.set_default_type(src.get_default_type())
-
-
-def _inner_entity(msg: Message) -> MIMEPart:
-    """The part to encrypt: the content plus the protected (and all other private) headers."""
-    inner = MIMEPart(policy=policy.default)
-    for name, value in msg.items():
-        if name.lower() not in DROPPED:
-            inner[name] = value
-    _share_content(msg, inner)
-    inner.set_param("protected-headers", "v1")
-    return inner
 
 
 def _outer_headers(msg: Message, *, keep: tuple[str, ...] | None,
@@ -98,31 +89,70 @@ def _add_autocrypt(outer: EmailMessage, autocrypt_header: str | None) -> None:
         outer["Autocrypt"] = unfold(autocrypt_header)
 
 
+def split_header_fields(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """(lower-case name, raw field bytes ending in CRLF) for each header field, and the body.
+
+    Works on bytes so the body is never parsed or re-encoded: the relay's hot path.
+    """
+    if raw.startswith((b"\r\n", b"\n")):
+        return [], raw.lstrip(b"\r").removeprefix(b"\n")
+    m = _BLANK_LINE.search(raw)
+    head, body = (raw, b"") if m is None else (raw[:m.start()], raw[m.end():])
+    fields: list[tuple[str, bytes]] = []
+    for line in _LINE_END.split(head):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line + b"\r\n")
+        elif b":" in line:
+            fields.append((line.split(b":", 1)[0].strip().lower().decode("latin-1"),
+                           line + b"\r\n"))
+    return fields, body
+
+
+def _with_protected_param(field: bytes) -> bytes:
+    return field.rstrip(b"\r\n") + b'; protected-headers="v1"\r\n'
+
+
+def encrypt_bytes(raw: bytes, *, gnupghome: str, recipients: list[str], signer: str,
+                  autocrypt_header: str | None = None, passphrase: str | None = None) -> bytes:
+    """``encrypt_message`` on wire bytes, without parsing the body: one gpg run, some slicing."""
+    fields, body = split_header_fields(raw)
+    inner = [f for name, f in fields if name not in DROPPED and name != "content-type"]
+    ctype = next((f for name, f in fields if name == "content-type"), None)
+    inner.insert(0, _with_protected_param(ctype) if ctype else
+                 b'Content-Type: text/plain; charset="us-ascii"; protected-headers="v1"\r\n')
+    armored = sign_encrypt(gnupghome, b"".join(inner) + b"\r\n" + body, recipients, signer,
+                           passphrase=passphrase)
+    out = [f for name, f in fields if name in OUTER_KEEP]
+    out.append(f"Subject: {ENCRYPTED_SUBJECT}\r\nMIME-Version: 1.0\r\n".encode())
+    if autocrypt_header:
+        folded = re.sub(r"\r?\n(?=[ \t])", "\r\n", autocrypt_header.strip())
+        out.append(f"Autocrypt: {folded}\r\n".encode())
+    b = _boundary().encode()
+    out.append(b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
+               b' boundary="' + b + b'"\r\n\r\n' + ENCRYPTED_PREAMBLE.encode() + b"\r\n"
+               b"--" + b + b"\r\nContent-Type: application/pgp-encrypted\r\n"
+               b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n"
+               b"\r\n--" + b + b'\r\nContent-Type: application/octet-stream; name="encrypted.asc"'
+               b"\r\nContent-Description: OpenPGP encrypted message\r\n"
+               b'Content-Disposition: inline; filename="encrypted.asc"\r\n'
+               b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+               + armored.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+               + b"\r\n--" + b + b"--\r\n")
+    return b"".join(out)
+
+
 def encrypt_message(msg: Message, *, gnupghome: str, recipients: list[str], signer: str,
                     autocrypt_header: str | None = None,
                     passphrase: str | None = None) -> EmailMessage:
-    """Sign and encrypt ``msg`` to ``recipients`` (fingerprints) as RFC 3156 PGP/MIME."""
-    armored = sign_encrypt(gnupghome, _flatten(_inner_entity(msg)), recipients, signer,
-                           passphrase=passphrase)
-    outer = _outer_headers(msg, keep=OUTER_KEEP, subject=ENCRYPTED_SUBJECT)
-    _add_autocrypt(outer, autocrypt_header)
+    """Sign and encrypt ``msg`` to ``recipients`` (fingerprints) as RFC 3156 PGP/MIME.
 
-    version = MIMEPart(policy=policy.default)
-    version["Content-Type"] = "application/pgp-encrypted"
-    version["Content-Description"] = "PGP/MIME version identification"
-    version.set_payload("Version: 1\r\n")
-    body = MIMEPart(policy=policy.default)
-    body["Content-Type"] = 'application/octet-stream; name="encrypted.asc"'
-    body["Content-Description"] = "OpenPGP encrypted message"
-    body["Content-Disposition"] = 'inline; filename="encrypted.asc"'
-    body["Content-Transfer-Encoding"] = "7bit"
-    body.set_payload(armored.decode("ascii"))
-
-    outer["Content-Type"] = (f'multipart/encrypted; protocol="application/pgp-encrypted"; '
-                             f'boundary="{_boundary()}"')
-    outer.set_payload([version, body])
-    outer.preamble = ENCRYPTED_PREAMBLE
-    return outer
+    The result is the parsed form of ``encrypt_bytes``; callers that hold the wire bytes
+    should call ``encrypt_bytes`` and skip both the parse and the re-serialisation.
+    """
+    raw = encrypt_bytes(_flatten(msg), gnupghome=gnupghome, recipients=recipients,
+                        signer=signer, autocrypt_header=autocrypt_header, passphrase=passphrase)
+    return BytesParser(policy=policy.default).parsebytes(raw)  # type: ignore[return-value]
 
 
 # -- multipart/signed ---------------------------------------------------------------------
@@ -131,11 +161,12 @@ _TRAILING_WS = re.compile(rb"[ \t]\r?$", re.MULTILINE)
 _FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
 
 
+_NOT_7BIT = re.compile(rb"[\x00\x7f-\xff]|\r(?!\n)|[^\r\n]{77}")
+
+
 def _clean_7bit(raw: bytes, *, text: bool) -> bool:
     """True when the bytes survive any transport unchanged (so a signature stays valid)."""
-    if any(b > 126 or b == 0 for b in raw) or b"\r" in raw.replace(b"\r\n", b""):
-        return False
-    if any(len(line) > 76 for line in raw.splitlines()):
+    if _NOT_7BIT.search(raw):
         return False
     return not (text and (_TRAILING_WS.search(raw) or _FROM_LINE.search(raw)))
 

@@ -16,10 +16,10 @@ from sqlmodel import Session
 
 from mailhub.crypto import autocrypt_learn
 from mailhub.crypto.inbound import protection_of
+from mailhub.crypto.protection import Protection
 from mailhub.outbound.queueing import QueueWriter, RowSpec
 from mailhub.parse.rawheaders import get_header
 from mailhub.spool.spool import SpooledMessage
-from mailhub.store import audit
 
 log = logging.getLogger("mailhub.cases")
 
@@ -43,14 +43,10 @@ class InboundFlow:
         message_id = (get_header(raw, "Message-ID") or "").strip()
         with Session(self.hub.engine, expire_on_commit=False) as session:
             learnt = autocrypt_learn.learn(session, self.hub, raw)
-            filed = file_inbound(session, self.hub, raw, (enc, sig, signer))
-            if filed.created_message:
-                audit.append(session, "inbound", "filed", message_id=message_id or None,
-                             case_id=filed.case_id,
-                             detail={"origin": origin, "encryption": enc, "signature": sig,
-                                     "signer": signer or "", "autocrypt": learnt,
-                                     "unverified_sender": filed.unverified,
-                                     "thread": filed.reason})
+            filed = file_inbound(session, self.hub, raw, Protection(enc, sig, signer),
+                                 envelope_from=sm.envelope.mail_from,
+                                 recipients=sm.envelope.rcpt_tos, actor=f"inbound:{origin}")
+            log.info("autocrypt message_id=%s: %s", message_id, learnt)
             relay = self.hub.config.delivery.internal_relay
             if relay is not None and sm.envelope.rcpt_tos:
                 specs = [RowSpec(recipient=r, status="queued", method="plaintext",

@@ -19,6 +19,7 @@ from email.utils import format_datetime, getaddresses, make_msgid
 
 from sqlmodel import Session
 
+from mailhub.cases.subjects import add_case_tag
 from mailhub.crypto.autocrypt import make_header as make_autocrypt_header
 from mailhub.crypto.autocrypt import unfold as autocrypt_unfold
 from mailhub.crypto.engine import CryptoEngine, ProtectJob
@@ -75,6 +76,8 @@ class OutboundPipeline:
     def __init__(self, hub, crypto: CryptoEngine, *,  # type: ignore[no-untyped-def]
                  on_queued: Callable[[], None] | None = None, writer: QueueWriter | None = None,
                  case_hook: Callable[[Session, Prepared], str | None] | None = None) -> None:
+        """``case_hook(session, prep)`` files the message into its case before it is protected
+        and returns the case id (then ``[ID]`` goes into the protected Subject)."""
         self.hub = hub
         self.crypto = crypto
         self.on_queued = on_queued
@@ -175,11 +178,22 @@ class OutboundPipeline:
                                      relay=d.relay, data=prep.raw, reason=reason, trace=trace))
         return specs
 
+    def file_case(self, prep: Prepared) -> None:
+        """File into the case (own transaction; a replay dedupes) and tag the Subject."""
+        assert self.case_hook is not None
+        with Session(self.hub.engine, expire_on_commit=False) as session:
+            prep.case_id = self.case_hook(session, prep)
+            session.commit()
+        if prep.case_id:
+            subject = get_header(prep.raw, "Subject") or ""
+            tagged = add_case_tag(subject, prep.case_id)
+            if tagged != subject:
+                prep.raw = prepend_headers(remove_headers(prep.raw, {"subject"}),
+                                           [("Subject", tagged)])
+
     def commit(self, sm: SpooledMessage, prep: Prepared) -> int:
         """Write rows, payloads, notices and audit in one transaction; then drop the spool file."""
         with Session(self.hub.engine, expire_on_commit=False) as session:
-            if self.case_hook is not None:
-                prep.case_id = self.case_hook(session, prep)
             n = self.writer.write(session, source_id=prep.spool_id, message_id=prep.message_id,
                                   sender=prep.sender, specs=self.rows(prep), case_id=prep.case_id)
             session.commit()
@@ -189,6 +203,8 @@ class OutboundPipeline:
     async def process(self, listener: str, spool_id: str) -> None:
         sm = await asyncio.to_thread(self.hub.spool.load, listener, spool_id)
         prep = await asyncio.to_thread(self.prepare, sm)
+        if self.case_hook is not None:
+            await asyncio.to_thread(self.file_case, prep)
         await self.protect(prep)
         await asyncio.to_thread(self.commit, sm, prep)
         if self.on_queued:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from mailhub.crypto.openpgp import Keyring, KeyNotFound, parse_key_listing
+from mailhub.crypto.openpgp import KeyNotFound, Keyring, parse_key_listing
 from mailhub.errors import CryptoError, KeyImportError
 from tests.crypto.pgp_fixtures import (
     Parties,
@@ -65,6 +66,10 @@ def test_home_is_private_and_gpg_stays_offline(home: str) -> None:
     assert re.search(r"(?m)^auto-key-locate local$", conf)
     assert not re.search(r"(?m)^\s*keyserver\s", conf)
     assert "disable-http" in (kr.home / "dirmngr.conf").read_text()
+    for component in ("gpg", "gpg-agent", "dirmngr"):  # every option is understood
+        check = subprocess.run(["gpgconf", "--homedir", kr.gnupghome, "--check-options",
+                                component], capture_output=True, text=True, check=False)
+        assert check.returncode == 0 and check.stdout.split(":")[4].strip() == "1", check
     # gpg 2.2 would ask WKD for an unknown address by default; ours must not even try.
     proc = gpg_cli(kr.gnupghome, "--encrypt", "--recipient", "nobody@unknown-domain.example",
                    data=b"x", check=False)

@@ -110,6 +110,11 @@ def test_inline_clearsigned_and_tampered(pp: Parties) -> None:
     assert u.message.get_content().strip() == "Arrive at 07:00. ID:79"
     bad = unwrap(text_mail(signed.replace(b"07:00", b"05:00")), gnupghome=pp.hub.gnupghome)
     assert bad.signature == "invalid"
+    broken = signed.split(b"-----BEGIN PGP SIGNATURE-----")[0] + (
+        b"-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n")
+    unreadable = unwrap(text_mail(broken), gnupghome=pp.hub.gnupghome)
+    assert (unreadable.encryption, unreadable.signature) == ("none", "invalid")
+    assert "Arrive at 07:00. ID:79" in unreadable.message.get_content()
 
 
 def test_unsigned_text_around_an_inline_block_is_not_protected(pp: Parties) -> None:
@@ -207,3 +212,28 @@ def test_split_parts_reads_raw_bytes() -> None:
            b"\r\none\r\n--b  \r\nX: y\r\n\r\ntwo\r\n--b--\r\nepilogue")
     assert split_parts(raw, "b") == [b"\r\none", b"X: y\r\n\r\ntwo"]
     assert split_parts(b"no body", "b") is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"",
+    b"\x00\xff" * 300,
+    b"Subject: only headers\r\n",
+    b"Content-Type: multipart/mixed\r\n\r\nno boundary at all\r\n",
+    b"Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; boundary=b\r\n"
+    b"\r\n--b\r\n\r\ntext\r\n--b\r\nContent-Type: application/pgp-signature\r\n\r\n"
+    b"garbage\r\n--b--\r\n",
+    b"Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; boundary=b\r\n"
+    b"\r\n--b\r\n\r\nonly the content\r\n--b--\r\n",
+    b"Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\"\r\n\r\nx\r\n",
+    b"Content-Type: text/plain\r\n\r\n-----BEGIN PGP SIGNED MESSAGE-----\r\nHash: SHA256"
+    b"\r\n\r\nhi\r\n-----BEGIN PGP SIGNATURE-----\r\n\r\nAAAA\r\n-----END PGP SIGNATURE-----\r\n",
+    b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+             for i in range(40)),
+])
+def test_malformed_input_is_refused_or_unprotected(pp: Parties, raw: bytes) -> None:
+    try:
+        u = unwrap(raw, gnupghome=pp.hub.gnupghome)
+    except DecryptionFailed as err:
+        assert str(err)
+        return
+    assert u.encryption == "none" and u.signature in ("none", "invalid")

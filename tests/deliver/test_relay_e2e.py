@@ -150,3 +150,40 @@ def test_submission_requires_auth(instance: Instance, rcpt: str) -> None:
             assert code == 550 and b"5.7.1" in text  # not an open relay
     finally:
         running.stop()
+
+
+def test_held_message_released_when_key_arrives(instance: Instance,
+                                                sink: tuple[SinkHandler, int],
+                                                short_tmp: Path) -> None:
+    handler, _ = sink
+    add_user(instance)
+    running = RunningHub(instance.config).start()
+    try:
+        submit(instance, case_mail("late@clinic-b.example"), ["late@clinic-b.example"])
+        handler.wait_for(1)  # the held notice to the coordinator
+        rows = json.loads(instance.run("queue", "list", "--json")[1])
+        held = [r for r in rows if r["recipient"] == "late@clinic-b.example"]
+        assert held and held[0]["status"] == "held"
+        home, pub = make_recipient(short_tmp, "late@clinic-b.example")
+        code, _, err = instance.run("keys", "import", str(pub))
+        assert code == 0, err
+        wait_until(lambda: any(m.rcpt_tos == ["late@clinic-b.example"] for m in handler.messages))
+    finally:
+        running.stop()
+    wire = [m for m in handler.messages if m.rcpt_tos == ["late@clinic-b.example"]][0].content
+    armored = wire[wire.index(b"-----BEGIN PGP MESSAGE-----"):]
+    assert b"Hb 13.2" in gpg(home, "--decrypt", data=armored).stdout
+
+
+def test_key_import_refusals_are_clear(instance: Instance, short_tmp: Path) -> None:
+    home, _ = make_recipient(short_tmp, "x@clinic-c.example")
+    secret = short_tmp / "secret.asc"
+    secret.write_bytes(gpg(home, "--armor", "--export-secret-keys", "x@clinic-c.example").stdout)
+    code, out, err = instance.run("keys", "import", str(secret))
+    assert code == 1 and "secret" in err.lower() and "Traceback" not in err
+    garbage = short_tmp / "garbage.asc"
+    garbage.write_text("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nnot really\n")
+    code, out, err = instance.run("keys", "import", str(garbage))
+    assert code == 1 and err.startswith("mailhub: error:") and "Traceback" not in err
+    code, out, err = instance.run("queue", "release", "999")
+    assert code == 1 and "no queue entry 999" in err
