@@ -28,8 +28,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from bench.common import (COORD, PASSWORD, PGP_RCPT, PLAIN_RCPT, SMIME_RCPT, BenchHub, Serve,
-                          cleanup, make_hub, short_tmp)
+from bench.common import (
+    COORD,
+    PASSWORD,
+    PGP_RCPT,
+    PLAIN_RCPT,
+    SMIME_RCPT,
+    BenchHub,
+    Serve,
+    cleanup,
+    make_hub,
+    short_tmp,
+)
 from bench.loadgen import Item, ServerProcess, free_port, make_message, run_load, wait_port
 
 SIZES = {"4KiB": 4096, "200KiB": 200 * 1024}

@@ -13,6 +13,7 @@ import logging
 import shutil
 import signal
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mailhub.app import Hub
@@ -119,15 +120,18 @@ class Server:
         self.crypto = CryptoEngine(workers)
         self.stop_event = asyncio.Event()
         self.writer = QueueWriter(hub)
+        # one writer thread for the hot path: messages share commits (each one is an fsync)
+        self.commits = queue.GroupCommit(hub.engine)
         self.delivery = DeliveryWorker(hub.engine, hub.sealer, cfg.delivery, helo=cfg.hub.domain,
-                                       on_failed=self._on_failed)
+                                       on_failed=self._on_failed, commits=self.commits)
         self.pipeline = OutboundPipeline(hub, self.crypto, on_queued=self.delivery.wake,
                                          writer=self.writer)
+        self.pipeline.commits = self.commits
         self.processors: dict[str, Processor] = {"submission": self.pipeline.process}
         self.extra_tasks: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self.inbound_gate = None
         self.runner = SpoolRunner(hub, self.processors,
-                                  concurrency=max(4, self.crypto.workers * 4))
+                                  concurrency=max(32, self.crypto.workers * 8))
         self.throttle = FailureThrottle(free_failures=cfg.submission.auth_failures_before_delay)
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -151,6 +155,10 @@ class Server:
 
     async def start(self) -> None:
         hub, cfg = self.hub, self.hub.config
+        # spool fsyncs and database work wait on the disk in threads: enough of them that
+        # concurrent sessions' fsyncs overlap (the journal commits them together)
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=32, thread_name_prefix="mailhub-io"))
         await asyncio.to_thread(hub.migrate)
         tls = server_tls_context(str(hub.keys.tls_cert), str(hub.keys.tls_key))
         authenticator = make_authenticator(self.check_user, self.throttle)
@@ -201,6 +209,7 @@ class Server:
         self.stop_event.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.delivery.close)
+        await asyncio.to_thread(self.commits.close)
         self.crypto.close()
 
     async def serve_forever(self) -> None:

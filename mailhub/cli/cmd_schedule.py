@@ -102,8 +102,8 @@ def cmd_recompute(args: argparse.Namespace) -> int:
 def _preview_context(session: Session, hub: Any, case_id: str, step_id: str
                      ) -> tuple[str, str | None, dict[str, Any]]:
     """(template, patient language, context) for one step of a case, as it would be sent."""
-    from mailhub.scheduler.ledger import care_plans, case_times, coordinator_address, plan_for
-    from mailhub.scheduler.sender import render_context
+    from mailhub.scheduler.ledger import care_plans, case_times, plan_for
+    from mailhub.scheduler.sender import coordinator_address, render_context
     from mailhub.scheduler.steps import PlannedStep, place_step
     from mailhub.store.models import Case, Patient, ScheduleEntry, utcnow
 

@@ -65,6 +65,7 @@ def learn(session: Session, hub, raw: bytes) -> str:  # type: ignore[no-untyped-
     new = update_peer(state, header, _message_date(raw), addr, now=now)
     for r in auto:
         r.last_seen = new.last_seen
+        r.updated_at = now
         session.add(r)
     if header is None or (state is not None and new.autocrypt_timestamp == state.autocrypt_timestamp):
         return "no usable Autocrypt header"
@@ -80,6 +81,7 @@ def learn(session: Session, hub, raw: bytes) -> str:  # type: ignore[no-untyped-
         for r in same:
             if r.source == "autocrypt":
                 r.autocrypt_timestamp, r.prefer_encrypt = new.autocrypt_timestamp, prefer
+                r.updated_at = now
                 session.add(r)
         return "Autocrypt key unchanged"
     imported = [r for r in rows if r.source == "imported"]

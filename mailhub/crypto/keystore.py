@@ -48,6 +48,7 @@ def _upsert(session: Session, rec: KeyRecord, changed: list[str]) -> KeyRecord:
         row = same[0]
         row.expires, row.revoked, row.usable = rec.expires, rec.revoked, rec.usable
         row.unusable_reason = rec.unusable_reason
+        row.updated_at = utcnow()
         if rec.source == "imported":
             row.source = "imported"
         if rec.material:

@@ -163,15 +163,28 @@ def parse_key_listing(text: str, *, now: datetime | None = None) -> list[KeyInfo
     return keys
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic replace, and only when different: gpg processes may be reading it right now."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_config(home: Path, *, allow_keyserver: bool = False, keyserver: str = "") -> None:
     """gpg.conf, gpg-agent.conf and dirmngr.conf that keep gpg off the network."""
-    (home / "gpg.conf").write_text(GPG_CONF)
-    (home / "gpg-agent.conf").write_text(AGENT_CONF)
+    _write_if_changed(home / "gpg.conf", GPG_CONF)
+    _write_if_changed(home / "gpg-agent.conf", AGENT_CONF)
     if allow_keyserver:
         line = f"keyserver {keyserver}\n" if keyserver else ""
-        (home / "dirmngr.conf").write_text("# Written by mailhub: keyserver allowed.\n" + line)
+        _write_if_changed(home / "dirmngr.conf",
+                          "# Written by mailhub: keyserver allowed.\n" + line)
     else:
-        (home / "dirmngr.conf").write_text(DIRMNGR_OFF)
+        _write_if_changed(home / "dirmngr.conf", DIRMNGR_OFF)
 
 
 class Keyring:

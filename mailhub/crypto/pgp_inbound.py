@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from email import policy
 from email.generator import BytesGenerator
 from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 from typing import NamedTuple
 
 from mailhub.crypto.openpgp_ops import DecryptOutcome, decrypt, verify_detached
@@ -121,25 +121,44 @@ def _decode(data: bytes, charset: str | None) -> str:
     return data.decode("latin-1")
 
 
+def _split_entity(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(header block, body) of a raw MIME entity; None when there is no body at all."""
+    if raw.startswith((b"\r\n", b"\n")):
+        return b"", raw.lstrip(b"\r").removeprefix(b"\n")
+    m = re.search(rb"\r?\n\r?\n", raw)
+    return None if m is None else (raw[:m.start()], raw[m.end():])
+
+
+def _light(raw: bytes) -> EmailMessage:
+    """Headers parsed, body kept as it came: no per-line parsing of a large ciphertext."""
+    split = _split_entity(raw) or (raw, b"")
+    msg: EmailMessage = BytesHeaderParser(policy=policy.default).parsebytes(split[0] + b"\r\n\r\n")  # type: ignore[assignment]
+    msg.set_payload(split[1].decode("ascii", "surrogateescape"))
+    return msg
+
+
 def split_parts(raw: bytes, boundary: str) -> list[bytes] | None:
     """The raw bytes of each body part of a multipart entity (RFC 2046 delimiters)."""
-    m = re.search(rb"\r?\n\r?\n", raw)
-    if raw.startswith((b"\r\n", b"\n")):
-        body = raw.lstrip(b"\r\n")
-    elif m is None:
+    split = _split_entity(raw)
+    if split is None:
         return None
-    else:
-        body = raw[m.end():]
-    delim = re.compile(rb"(?:^|\r?\n)--" + re.escape(boundary.encode("utf-8", "surrogateescape"))
-                       + rb"(--)?[ \t]*(?=\r?\n|$)")
+    body = split[1]
+    marker = b"--" + boundary.encode("utf-8", "surrogateescape")
+    tail = re.compile(rb"(--)?[ \t]*(\r?\n|$)")
     parts: list[bytes] = []
     start = None
-    for d in delim.finditer(body):
-        if start is not None:
-            parts.append(body[start:d.start()])
-        if d.group(1):  # the close delimiter
-            return parts
-        start = d.end() + (2 if body[d.end():d.end() + 2] == b"\r\n" else 1)
+    pos = body.find(marker)
+    while pos != -1:  # bytes.find, not a regex scan: ciphertexts are large
+        line_start = pos == 0 or body[pos - 1:pos] == b"\n"
+        m = tail.match(body, pos + len(marker)) if line_start else None
+        if m:
+            cut = pos - (2 if body[pos - 2:pos] == b"\r\n" else 1) if pos else 0
+            if start is not None:
+                parts.append(body[start:cut])
+            if m.group(1):  # the close delimiter
+                return parts
+            start = m.end()
+        pos = body.find(marker, pos + len(marker))
     return parts if parts else None
 
 
@@ -177,13 +196,18 @@ def _process(part: Message, raw: bytes | None, ctx: _Ctx, depth: int) -> tuple[M
     return part, [s for segs in child_segs for s in segs]
 
 
-def _multipart_encrypted(part: Message, ctx: _Ctx, depth: int) -> tuple[Message, list[Seg]]:
+def _multipart_encrypted(part: Message, ctx: _Ctx, depth: int,
+                         raw: bytes | None = None) -> tuple[Message, list[Seg]]:
+    """Open PGP/MIME; with ``raw`` (the top level), ``part`` holds only the headers."""
     ctx.was_pgp = True
     protocol = str(part.get_param("protocol", "")).lower()
     if protocol != "application/pgp-encrypted":
         raise DecryptionFailed(f"multipart/encrypted with protocol {protocol or '(none)'!r} "
                                "is not OpenPGP and cannot be read")
-    children = part.get_payload() if part.is_multipart() else []
+    if raw is not None:
+        children = [_light(p) for p in split_parts(raw, part.get_boundary() or "") or []]
+    else:
+        children = part.get_payload() if part.is_multipart() else []
     if len(children) < 2:
         raise DecryptionFailed("the multipart/encrypted message is missing its "
                                + ("encrypted part" if children else "parts"),
@@ -355,9 +379,13 @@ def unwrap(msg: Message | bytes, *, gnupghome: str, passphrase: str | None = Non
     """Decrypt and verify ``msg``; the opened message comes back with the verdict."""
     try:
         raw = bytes(msg) if isinstance(msg, bytes | bytearray) else _flatten(msg)
-        root = _parse(raw)
         ctx = _Ctx(gnupghome, passphrase)
-        new_root, segs = _process(root, raw, ctx, 0)
+        root = _light(raw)
+        if root.get_content_type() == "multipart/encrypted":  # the common case, kept cheap
+            new_root, segs = _multipart_encrypted(root, ctx, 0, raw)
+        else:
+            root = _parse(raw)
+            new_root, segs = _process(root, raw, ctx, 0)
         result = root if new_root is root else _merge_headers(root, new_root)
         strip_protection_headers(result)
         encryption, signature, signer = aggregate(segs)

@@ -1,10 +1,12 @@
 """Outbound PGP/MIME (RFC 3156): signed-and-encrypted mail with protected headers, signed mail.
 
-``encrypt_message`` puts the whole message, with its real Subject/From/To/Cc/Date/Message-ID
-(the "protected-headers=v1" convention of Thunderbird and draft-autocrypt-lamps-protected-headers),
-inside one OpenPGP message that is signed and encrypted in a single gpg pass (RFC 3156 §6.2).
-The outer message keeps only what transport and threading need; its Subject is
-``ENCRYPTED_SUBJECT`` so the real one never leaves the ciphertext.
+``encrypt_bytes`` (wire bytes in and out, the relay's hot path: the body is never parsed) and
+``encrypt_message`` (the same for an ``EmailMessage``) put the whole message, with its real
+Subject/From/To/Cc/Date/Message-ID and every other header (the "protected-headers=v1" convention
+of Thunderbird and draft-autocrypt-lamps-protected-headers), inside one OpenPGP message that is
+signed and encrypted in a single gpg pass (RFC 3156 §6.2). The outer message keeps only what
+transport and threading need (``OUTER_KEEP``); its Subject is ``ENCRYPTED_SUBJECT`` so the real
+one never leaves the ciphertext. Bcc goes nowhere.
 
 ``sign_message`` builds multipart/signed (RFC 3156 §5) for recipients allowed plaintext: the
 signed part is made 7bit-safe and signed in the canonical CRLF form, and it is built so that
@@ -22,7 +24,7 @@ import secrets
 from email import policy
 from email.generator import BytesGenerator
 from email.message import EmailMessage, Message, MIMEPart
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 
 from mailhub.crypto.autocrypt import unfold
 from mailhub.crypto.openpgp_ops import detached_signature, sign_encrypt
@@ -30,9 +32,6 @@ from mailhub.crypto.openpgp_ops import detached_signature, sign_encrypt
 ENCRYPTED_SUBJECT = "..."
 ENCRYPTED_PREAMBLE = "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)"
 SIGNED_PREAMBLE = "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)"
-# Headers the encrypted inner part carries (and that the recipient's client shows from there).
-PROTECTED = ("subject", "from", "to", "cc", "reply-to", "date", "message-id", "in-reply-to",
-             "references")
 # Headers the outer, visible message keeps: addressing, threading, trace, loop prevention.
 OUTER_KEEP = ("from", "to", "cc", "reply-to", "date", "message-id", "in-reply-to", "references",
               "received", "return-path", "auto-submitted")
@@ -43,6 +42,13 @@ DROPPED = ("bcc", "resent-bcc", "autocrypt", "autocrypt-gossip", "openpgp", "mai
 _FLAT = policy.SMTP  # CRLF, 8bit allowed inside the ciphertext
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_VERSION_PART = (b"Content-Type: application/pgp-encrypted\r\n"
+                 b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n")
+_BODY_HEAD = (b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n'
+              b"Content-Description: OpenPGP encrypted message\r\n"
+              b'Content-Disposition: inline; filename="encrypted.asc"\r\n'
+              b"Content-Transfer-Encoding: 7bit\r\n\r\n")
 
 
 def _flatten(part: Message) -> bytes:
@@ -64,22 +70,13 @@ def _share_content(src: Message, dst: Message, *, deep: bool = False) -> None:
     dst.set_default_type(src.get_default_type())
 
 
-def _outer_headers(msg: Message, *, keep: tuple[str, ...] | None,
-                   subject: str | None) -> EmailMessage:
+def _visible_headers(msg: Message) -> EmailMessage:
+    """The headers of a signed-only message: all of them, less the dropped ones."""
     outer = EmailMessage(policy=policy.default)
-    seen_subject = False
     for name, value in msg.items():
         lname = name.lower()
-        if lname == "subject" and subject is not None:
-            if not seen_subject:
-                outer["Subject"] = subject
-            seen_subject = True
-        elif lname in DROPPED or lname.startswith("content-"):
-            continue
-        elif keep is None or lname in keep:
+        if lname not in DROPPED and not lname.startswith("content-"):
             outer[name] = value
-    if subject is not None and not seen_subject:
-        outer["Subject"] = subject
     outer["MIME-Version"] = "1.0"
     return outer
 
@@ -103,19 +100,34 @@ def split_header_fields(raw: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
         if line[:1] in (b" ", b"\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, value + line + b"\r\n")
-        elif b":" in line:
-            fields.append((line.split(b":", 1)[0].strip().lower().decode("latin-1"),
-                           line + b"\r\n"))
+        else:
+            m = _FIELD_NAME.match(line)
+            if m:  # anything else (an mbox "From " line, garbage) is not a header field
+                fields.append((m.group(1).lower().decode("ascii"), line + b"\r\n"))
     return fields, body
+
+
+def fold_header(name: str, value: str, width: int = 78) -> bytes:
+    """``Name: value`` folded at spaces so lines stay within ``width`` where words allow."""
+    lines, cur = [], f"{name}:"
+    for word in unfold(value).split(" "):
+        if not word:
+            continue
+        if len(cur) + 1 + len(word) > width and cur != f"{name}:":
+            lines.append(cur)
+            cur = ""
+        cur += " " + word
+    lines.append(cur)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def _with_protected_param(field: bytes) -> bytes:
     return field.rstrip(b"\r\n") + b'; protected-headers="v1"\r\n'
 
 
-def encrypt_bytes(raw: bytes, *, gnupghome: str, recipients: list[str], signer: str,
-                  autocrypt_header: str | None = None, passphrase: str | None = None) -> bytes:
-    """``encrypt_message`` on wire bytes, without parsing the body: one gpg run, some slicing."""
+def _encrypt_parts(raw: bytes, gnupghome: str, recipients: list[str], signer: str,
+                   autocrypt_header: str | None, passphrase: str | None) -> tuple[bytes, bytes]:
+    """(outer header block without Content-Type, armored ciphertext of the inner entity)."""
     fields, body = split_header_fields(raw)
     inner = [f for name, f in fields if name not in DROPPED and name != "content-type"]
     ctype = next((f for name, f in fields if name == "content-type"), None)
@@ -126,20 +138,23 @@ def encrypt_bytes(raw: bytes, *, gnupghome: str, recipients: list[str], signer: 
     out = [f for name, f in fields if name in OUTER_KEEP]
     out.append(f"Subject: {ENCRYPTED_SUBJECT}\r\nMIME-Version: 1.0\r\n".encode())
     if autocrypt_header:
-        folded = re.sub(r"\r?\n(?=[ \t])", "\r\n", autocrypt_header.strip())
-        out.append(f"Autocrypt: {folded}\r\n".encode())
+        out.append(fold_header("Autocrypt", autocrypt_header))
+    return b"".join(out), armored.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def encrypt_bytes(raw: bytes, *, gnupghome: str, recipients: list[str], signer: str,
+                  autocrypt_header: str | None = None, passphrase: str | None = None) -> bytes:
+    """``encrypt_message`` on wire bytes, without parsing the body: one gpg run, some slicing.
+
+    This is the relay's hot path: pass the message as received, send what comes back.
+    """
+    head, armored = _encrypt_parts(raw, gnupghome, recipients, signer, autocrypt_header,
+                                   passphrase)
     b = _boundary().encode()
-    out.append(b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
-               b' boundary="' + b + b'"\r\n\r\n' + ENCRYPTED_PREAMBLE.encode() + b"\r\n"
-               b"--" + b + b"\r\nContent-Type: application/pgp-encrypted\r\n"
-               b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n"
-               b"\r\n--" + b + b'\r\nContent-Type: application/octet-stream; name="encrypted.asc"'
-               b"\r\nContent-Description: OpenPGP encrypted message\r\n"
-               b'Content-Disposition: inline; filename="encrypted.asc"\r\n'
-               b"Content-Transfer-Encoding: 7bit\r\n\r\n"
-               + armored.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-               + b"\r\n--" + b + b"--\r\n")
-    return b"".join(out)
+    return (head + b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";'
+            b'\r\n boundary="' + b + b'"\r\n\r\n' + ENCRYPTED_PREAMBLE.encode() + b"\r\n"
+            b"--" + b + b"\r\n" + _VERSION_PART + b"\r\n--" + b + b"\r\n" + _BODY_HEAD
+            + armored + b"\r\n--" + b + b"--\r\n")
 
 
 def encrypt_message(msg: Message, *, gnupghome: str, recipients: list[str], signer: str,
@@ -147,12 +162,19 @@ def encrypt_message(msg: Message, *, gnupghome: str, recipients: list[str], sign
                     passphrase: str | None = None) -> EmailMessage:
     """Sign and encrypt ``msg`` to ``recipients`` (fingerprints) as RFC 3156 PGP/MIME.
 
-    The result is the parsed form of ``encrypt_bytes``; callers that hold the wire bytes
-    should call ``encrypt_bytes`` and skip both the parse and the re-serialisation.
+    Callers holding the wire bytes should prefer ``encrypt_bytes`` (no parse, no re-serialise).
     """
-    raw = encrypt_bytes(_flatten(msg), gnupghome=gnupghome, recipients=recipients,
-                        signer=signer, autocrypt_header=autocrypt_header, passphrase=passphrase)
-    return BytesParser(policy=policy.default).parsebytes(raw)  # type: ignore[return-value]
+    head, armored = _encrypt_parts(_flatten(msg), gnupghome, recipients, signer,
+                                   autocrypt_header, passphrase)
+    outer: EmailMessage = BytesHeaderParser(policy=policy.default).parsebytes(head)  # type: ignore[assignment]
+    parts = [BytesParser(policy=policy.default).parsebytes(_VERSION_PART),
+             BytesHeaderParser(policy=policy.default).parsebytes(_BODY_HEAD)]
+    parts[1].set_payload(armored.decode("ascii"))
+    outer["Content-Type"] = (f'multipart/encrypted; protocol="application/pgp-encrypted"; '
+                             f'boundary="{_boundary()}"')
+    outer.set_payload(parts)
+    outer.preamble = ENCRYPTED_PREAMBLE
+    return outer
 
 
 # -- multipart/signed ---------------------------------------------------------------------
@@ -221,7 +243,7 @@ def sign_message(msg: Message, *, gnupghome: str, signer: str,
     """A multipart/signed copy of ``msg`` (RFC 3156 §5); headers stay visible, Bcc is dropped."""
     part, data = _signed_entity(msg)
     sig = detached_signature(gnupghome, data, signer, passphrase=passphrase)
-    outer = _outer_headers(msg, keep=None, subject=None)
+    outer = _visible_headers(msg)
     _add_autocrypt(outer, autocrypt_header)
 
     sig_part = MIMEPart(policy=policy.default)

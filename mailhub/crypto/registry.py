@@ -48,9 +48,8 @@ class KeySnapshot:
         self._checked = 0.0
 
     def _current_stamp(self, session: Session) -> tuple[object, ...]:
-        row = session.exec(select(func.count(KeyRecord.id), func.max(KeyRecord.id),  # type: ignore[arg-type]
-                                  func.max(KeyRecord.last_seen),
-                                  func.sum(KeyRecord.revoked))).one()
+        row = session.exec(select(func.count(KeyRecord.id),  # type: ignore[arg-type]
+                                  func.max(KeyRecord.id), func.max(KeyRecord.updated_at))).one()
         return tuple(row)
 
     def refresh(self, force: bool = False) -> None:

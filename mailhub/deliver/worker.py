@@ -1,9 +1,13 @@
 """The delivery worker: claims due queue rows and sends them, retrying with exponential backoff.
 
 It runs as an asyncio task; each SMTP conversation runs in a worker thread with its own reused
-connection per next hop. A row is marked sent in its own commit right after the next hop's 250,
-so the window in which a crash could cause a second delivery is one commit long (and the rows
-caught in it are reported at the next start by ``recover_inflight``).
+connection per next hop. Rows are claimed (``sending_since`` set) before they are sent, and a
+row is marked sent right after the next hop's 250; with a ``GroupCommit`` those marks share
+commits with other work, so a worker thread goes on to its next message without waiting for the
+disk. A crash between the 250 and that commit is the only way a message can go out twice: such
+rows still carry ``sending_since`` and are reported at the next start by ``recover_inflight``.
+New rows are claimed while the last ones of a batch are still being sent, so the connections
+never idle while there is work.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
 from mailhub.deliver.smtp_client import SendResult, SmtpConnection
 from mailhub.spool.spool import Sealer
-from mailhub.store.models import utcnow
+from mailhub.store.models import Payload, utcnow
 
 log = logging.getLogger("mailhub.deliver")
 
@@ -52,8 +57,10 @@ class DeliveryWorker:
 
     def __init__(self, engine: Engine, sealer: Sealer, cfg: DeliveryConfig, *,
                  helo: str = "mailhub", on_failed: OnFailed | None = None,
-                 on_sent: OnSent | None = None, batch: int = 64) -> None:
+                 on_sent: OnSent | None = None, batch: int = 64,
+                 commits: queue.GroupCommit | None = None) -> None:
         self.engine = engine
+        self.commits = commits
         self.sealer = sealer
         self.cfg = cfg
         self.helo = helo
@@ -65,6 +72,8 @@ class DeliveryWorker:
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="deliver")
         self._connections: list[SmtpConnection] = []
         self._lock = threading.Lock()
+        self._inflight = 0
+        self._idle = threading.Condition()
 
     def wake(self) -> None:
         self._wake.set()
@@ -86,6 +95,18 @@ class DeliveryWorker:
                 self._connections.append(conn)
         return conns[relay]
 
+    def _write(self, fn: Callable[[Session], object], *, wait: bool) -> None:
+        """Record an outcome: through the group commit when there is one (``wait``: block
+        until it is committed), else in a commit of its own."""
+        if self.commits is None:
+            with Session(self.engine) as session:
+                fn(session)
+                session.commit()
+        elif wait:
+            self.commits.call(fn)
+        else:
+            self.commits.submit(fn).add_done_callback(_log_failed_write)
+
     def deliver_one(self, item: queue.Claimed, sealed: bytes) -> str:
         """Send one claimed row and record the outcome (blocking; runs in a worker thread)."""
         data = self.sealer.open(sealed, str(item.payload_id).encode())
@@ -96,47 +117,75 @@ class DeliveryWorker:
         outcome, next_at = next_step(result, attempts=item.attempts, created_at=item.created_at,
                                      now=now, cfg=self.cfg)
         if outcome == "sent":
-            queue.mark_sent(self.engine, [item.id], result.reply)
+            self._write(lambda s: queue.mark_sent_in(s, [item.id], result.reply), wait=False)
             log.info("sent queue_id=%s message_id=%s to=%s relay=%s", item.id, item.message_id,
                      item.recipient, item.relay)
             if self.on_sent:
                 self.on_sent(item, result.reply)
         elif outcome == "retry":
             assert next_at is not None
-            queue.mark_retry(self.engine, item.id, result.reply, next_at)
+            self._write(lambda s: queue.mark_retry_in(s, item.id, result.reply, next_at),
+                        wait=False)
             log.warning("deferred queue_id=%s message_id=%s to=%s: %s (next try %s)", item.id,
                         item.message_id, item.recipient, result.reply, next_at.isoformat())
         else:
-            queue.mark_failed(self.engine, item.id, result.reply)
+            self._write(lambda s: queue.mark_failed_in(s, item.id, result.reply), wait=True)
             log.error("failed queue_id=%s message_id=%s to=%s: %s", item.id, item.message_id,
                       item.recipient, result.reply)
             if self.on_failed:
                 self.on_failed(item, result.reply)
         return outcome
 
+    def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, bytes]]:
+        claimed = queue.claim_due_in(session, self.batch)
+        ids = sorted({c.payload_id for c in claimed})
+        rows = session.exec(select(Payload).where(Payload.id.in_(ids))) if ids else []  # type: ignore[union-attr]
+        return claimed, {p.id: p.sealed for p in rows}  # type: ignore[misc]
+
     def run_batch(self) -> int:
-        """Claim and send one batch (blocking). Returns how many rows were claimed."""
-        claimed = queue.claim_due(self.engine, self.batch)
+        """Claim and dispatch one batch (blocking); returns once at most ``workers`` rows are
+        still being sent, so the next claim overlaps the tail of this one."""
+        if self.commits is not None:
+            claimed, payloads = self.commits.call(self._claim)
+        else:
+            with Session(self.engine, expire_on_commit=False) as session:
+                claimed, payloads = self._claim(session)
+                session.commit()
         if not claimed:
             return 0
-        payloads = queue.load_payloads(self.engine, (c.payload_id for c in claimed))
-        futures = [self._pool.submit(self._safe_deliver, c, payloads.get(c.payload_id))
-                   for c in claimed]
-        for fut in futures:
-            fut.result()
+        with self._idle:
+            self._inflight += len(claimed)
+        for c in claimed:
+            self._pool.submit(self._safe_deliver, c, payloads.get(c.payload_id))
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight <= self.cfg.workers)
         return len(claimed)
+
+    def wait_idle(self) -> None:
+        """Block until no claimed row is still being sent."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0)
 
     def _safe_deliver(self, item: queue.Claimed, sealed: bytes | None) -> None:
         try:
             if sealed is None:
-                queue.mark_failed(self.engine, item.id, "payload missing")
+                self._write(lambda s: queue.mark_failed_in(s, item.id, "payload missing"),
+                            wait=True)
                 return
             self.deliver_one(item, sealed)
         except Exception:  # one broken row must not stop delivery of the others
             log.exception("delivery of queue_id=%s crashed; retrying later", item.id)
-            queue.mark_retry(self.engine, item.id, "internal error; see the log",
-                             utcnow() + backoff_delay(item.attempts, self.cfg.retry_initial,
-                                                      self.cfg.retry_max))
+            next_at = utcnow() + backoff_delay(item.attempts, self.cfg.retry_initial,
+                                               self.cfg.retry_max)
+            try:
+                self._write(lambda s: queue.mark_retry_in(s, item.id, "internal error; see the "
+                                                          "log", next_at), wait=False)
+            except Exception:
+                log.exception("could not record the retry of queue_id=%s", item.id)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
 
     async def run(self, stop: asyncio.Event, idle: float = 1.0) -> None:
         while not stop.is_set():
@@ -159,6 +208,13 @@ class DeliveryWorker:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+def _log_failed_write(fut: Future[object]) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.error("recording a delivery outcome failed (the row is retried after a restart): "
+                  "%s", exc)
 
 
 def _needs_smtputf8(item: queue.Claimed, data: bytes) -> bool:

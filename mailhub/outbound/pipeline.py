@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import format_datetime, getaddresses, make_msgid
+from typing import TypeVar
 
 from sqlmodel import Session
 
@@ -23,6 +24,7 @@ from mailhub.cases.subjects import add_case_tag
 from mailhub.crypto.autocrypt import make_header as make_autocrypt_header
 from mailhub.crypto.autocrypt import unfold as autocrypt_unfold
 from mailhub.crypto.engine import CryptoEngine, ProtectJob
+from mailhub.deliver.queue import GroupCommit
 from mailhub.errors import MailhubError
 from mailhub.outbound.queueing import QueueWriter, RowSpec
 from mailhub.parse.rawheaders import get_header, prepend_headers, remove_headers
@@ -31,6 +33,7 @@ from mailhub.policy.trace import log_decision, trace_to_json
 from mailhub.spool.spool import SpooledMessage
 
 log = logging.getLogger("mailhub.outbound")
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,6 +86,9 @@ class OutboundPipeline:
         self.on_queued = on_queued
         self.writer = writer or QueueWriter(hub)
         self.case_hook = case_hook
+        # the serving process's single writer (set by the Server): commits shared between
+        # messages; without it each step commits on its own
+        self.commits: GroupCommit | None = None
         self._signers: tuple[float, str, bytes, bytes, bytes] | None = None
 
     def _signer_material(self) -> tuple[str, bytes, bytes, bytes]:
@@ -178,12 +184,13 @@ class OutboundPipeline:
                                      relay=d.relay, data=prep.raw, reason=reason, trace=trace))
         return specs
 
-    def file_case(self, prep: Prepared) -> None:
-        """File into the case (own transaction; a replay dedupes) and tag the Subject."""
+    def file_case_in(self, session: Session, prep: Prepared) -> None:
+        """File into the case in the caller's transaction (a replay dedupes)."""
         assert self.case_hook is not None
-        with Session(self.hub.engine, expire_on_commit=False) as session:
-            prep.case_id = self.case_hook(session, prep)
-            session.commit()
+        prep.case_id = self.case_hook(session, prep)
+
+    def tag_subject(self, prep: Prepared) -> None:
+        """Put ``[ID]`` into the Subject (which encryption then protects)."""
         if prep.case_id:
             subject = get_header(prep.raw, "Subject") or ""
             tagged = add_case_tag(subject, prep.case_id)
@@ -191,21 +198,49 @@ class OutboundPipeline:
                 prep.raw = prepend_headers(remove_headers(prep.raw, {"subject"}),
                                            [("Subject", tagged)])
 
+    def file_case(self, prep: Prepared) -> None:
+        """File into the case (own transaction; a replay dedupes) and tag the Subject."""
+        with Session(self.hub.engine, expire_on_commit=False) as session:
+            self.file_case_in(session, prep)
+            session.commit()
+        self.tag_subject(prep)
+
+    def write_rows(self, session: Session, prep: Prepared) -> int:
+        """Rows, payloads, notices and audit entries, in the caller's transaction."""
+        return self.writer.write(session, source_id=prep.spool_id, message_id=prep.message_id,
+                                 sender=prep.sender, specs=self.rows(prep), case_id=prep.case_id)
+
     def commit(self, sm: SpooledMessage, prep: Prepared) -> int:
         """Write rows, payloads, notices and audit in one transaction; then drop the spool file."""
         with Session(self.hub.engine, expire_on_commit=False) as session:
-            n = self.writer.write(session, source_id=prep.spool_id, message_id=prep.message_id,
-                                  sender=prep.sender, specs=self.rows(prep), case_id=prep.case_id)
+            n = self.write_rows(session, prep)
             session.commit()
         self.hub.spool.remove(sm.envelope.listener, sm.spool_id)
         return n
 
+    async def _in_transaction(self, fn: Callable[[Session], T]) -> T:
+        if self.commits is not None:
+            return await self.commits.run(fn)
+
+        def own() -> T:
+            with Session(self.hub.engine, expire_on_commit=False) as session:
+                result = fn(session)
+                session.commit()
+                return result
+
+        return await asyncio.to_thread(own)
+
+    def _load_prepare(self, listener: str, spool_id: str) -> tuple[SpooledMessage, Prepared]:
+        sm = self.hub.spool.load(listener, spool_id)
+        return sm, self.prepare(sm)
+
     async def process(self, listener: str, spool_id: str) -> None:
-        sm = await asyncio.to_thread(self.hub.spool.load, listener, spool_id)
-        prep = await asyncio.to_thread(self.prepare, sm)
+        sm, prep = await asyncio.to_thread(self._load_prepare, listener, spool_id)
         if self.case_hook is not None:
-            await asyncio.to_thread(self.file_case, prep)
+            await self._in_transaction(lambda session: self.file_case_in(session, prep))
+            self.tag_subject(prep)
         await self.protect(prep)
-        await asyncio.to_thread(self.commit, sm, prep)
+        await self._in_transaction(lambda session: self.write_rows(session, prep))
+        await asyncio.to_thread(self.hub.spool.remove, listener, spool_id)
         if self.on_queued:
             self.on_queued()

@@ -51,7 +51,8 @@ def default_instance_id() -> str:
 
 @dataclass
 class RunReport:
-    """What one ``run_due`` pass did; ``lateness`` is seconds from due time to hand-over."""
+    """What one ``run_due`` pass did. Per handed-over step, seconds after its due time:
+    ``fired`` when it was claimed, ``lateness`` when the outbound path had queued (or held) it."""
 
     claimed: int = 0
     sent: int = 0
@@ -62,11 +63,13 @@ class RunReport:
     errors: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
     lateness: list[float] = field(default_factory=list)
+    fired: list[float] = field(default_factory=list)
 
-    def add(self, outcome: Outcome, late: float | None) -> None:
+    def add(self, outcome: Outcome, fired: float, late: float) -> None:
         self.outcomes.append(outcome)
         setattr(self, outcome.status, getattr(self, outcome.status) + 1)
-        if late is not None and outcome.status in ("sent", "held"):
+        if outcome.status in ("sent", "held"):
+            self.fired.append(fired)
             self.lateness.append(late)
 
     def as_json(self) -> dict[str, Any]:
@@ -84,7 +87,8 @@ class Dispatcher:
                  process: Processor | None = None, on_queued: Callable[[], None] | None = None,
                  check_interval: float | None = None, poll_interval: float = 1.0,
                  batch: int = 50, concurrency: int = 4,
-                 stale_after: timedelta = STALE_CLAIM) -> None:
+                 stale_after: timedelta = STALE_CLAIM,
+                 on_run: Callable[[RunReport], None] | None = None) -> None:
         self.hub = hub
         self.instance_id = instance_id or default_instance_id()
         self.check_interval = float(check_interval or hub.config.scheduler.check_interval)
@@ -94,6 +98,7 @@ class Dispatcher:
         self.stale_after = stale_after
         self._process = process
         self._on_queued = on_queued
+        self.on_run = on_run
         self._sender: StepSender | None = None
         self._crypto: Any = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -101,6 +106,7 @@ class Dispatcher:
         self._lock: asyncio.Lock | None = None
         self._armed_at: datetime | None = None
         self._stopping = False
+        self.ready = asyncio.Event()  # set once start-up caught up and the wake-up is armed
 
     # ---- sending
 
@@ -131,8 +137,8 @@ class Dispatcher:
                     log.exception("case %s step %s failed; retried after the claim expires",
                                   claim.case_id, claim.step)
                 return
-            late = (utcnow() - claim.send_at_utc).total_seconds()
-            report.add(outcome, late)
+            report.add(outcome, (claim.claimed_at - claim.send_at_utc).total_seconds(),
+                       (utcnow() - claim.send_at_utc).total_seconds())
 
     async def run_due_async(self, now: datetime | None = None) -> RunReport:
         """Claim and handle everything due at ``now`` (default: the clock), batch by batch."""
@@ -152,6 +158,8 @@ class Dispatcher:
             await asyncio.gather(*(self._one(c, at, sem, report) for c in fresh))
             if len(claims) < self.batch:
                 break
+        if self.on_run is not None and report.claimed:
+            self.on_run(report)
         if report.claimed:
             log.info("scheduler run: %d claimed, %d sent, %d held, %d missed, %d skipped, "
                      "%d waiting, %d errors", report.claimed, report.sent, report.held,
@@ -164,6 +172,17 @@ class Dispatcher:
             return asyncio.run(self.run_due_async(now))
         finally:
             self.close()
+
+    def _warm(self) -> None:
+        """Load what the first send needs (policy, key snapshot, templates) before it is due."""
+        self.hub.policy_cache.current()
+        self.hub.key_snapshot.refresh(force=True)
+        renderer = self.sender.renderer
+        for name, languages in renderer.templates().items():
+            for lang in languages:
+                for suffix in (".subject.j2", ".txt.j2", ".html.j2"):
+                    if (renderer.templates_dir / lang / f"{name}{suffix}").is_file():
+                        renderer.env.get_template(f"{lang}/{name}{suffix}")
 
     def close(self) -> None:
         if self._crypto is not None:
@@ -231,10 +250,15 @@ class Dispatcher:
             log.info("scheduler %s: %d care plan(s)", self.instance_id, len(plans))
         except MailhubError as exc:  # already-scheduled steps can still be sent
             log.error("care plans are invalid: %s", exc)
+        try:
+            await asyncio.to_thread(self._warm)
+        except Exception:
+            log.warning("scheduler warm-up failed; the first step will do it", exc_info=True)
         started = time.monotonic()
         self._scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=pytz.utc)
         self._scheduler.start()
         await self._fire()  # start-up: everything that came due while we were down
+        self.ready.set()
         log.info("scheduler ready in %.2fs; next wake-up %s", time.monotonic() - started,
                  self._armed_at.isoformat() if self._armed_at else "-")
         try:

@@ -34,7 +34,7 @@ from mailhub.scheduler.plans import CarePlan, load_care_plans
 from mailhub.scheduler.steps import CaseTimes, PlannedStep, classify_due, compute_schedule
 from mailhub.scheduler.timecalc import local_iso
 from mailhub.store import audit
-from mailhub.store.models import Case, Participant, Patient, ScheduleEntry, utcnow
+from mailhub.store.models import Case, Patient, ScheduleEntry, utcnow
 
 log = logging.getLogger("mailhub.scheduler")
 
@@ -387,17 +387,6 @@ def consent_for(session: Session, address: str) -> bool:
     stmt = (select(Case).join(Patient, Case.patient_id == Patient.id)  # type: ignore[arg-type]
             .where(func.lower(Patient.email) == addr, Case.consent_plain_email == True))  # noqa: E712
     return any(case_open(c) for c in session.exec(stmt))
-
-
-def coordinator_address(session: Session, case: Case) -> tuple[str, str]:
-    """(display name, address) of the case's coordinator; address "" when none is known."""
-    name, addr = parseaddr(case.coordinator or "")
-    if "@" not in addr:
-        name = name or (case.coordinator or "").strip()
-        part = session.exec(select(Participant).where(
-            Participant.case_id == case.id, Participant.role == "coordinator")).first()
-        addr = part.address if part is not None else ""
-    return name, addr.strip()
 
 
 def entry_json(row: ScheduleEntry) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, formataddr, make_msgid
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from typing import Any, Literal
 
 from sqlmodel import Session, select
@@ -34,7 +34,14 @@ from mailhub.scheduler.ledger import Claim
 from mailhub.scheduler.timecalc import get_zone
 from mailhub.spool.spool import Envelope
 from mailhub.store import audit
-from mailhub.store.models import Case, OutboundItem, Patient, ScheduleEntry, utcnow
+from mailhub.store.models import (
+    Case,
+    OutboundItem,
+    Participant,
+    Patient,
+    ScheduleEntry,
+    utcnow,
+)
 
 log = logging.getLogger("mailhub.scheduler")
 
@@ -96,6 +103,17 @@ def render_context(case: Case, patient: Patient, coordinator: str, send_at: date
     }
 
 
+def coordinator_address(session: Session, case: Case) -> tuple[str, str]:
+    """(display name, address) of the case's coordinator; address "" when none is known."""
+    name, addr = parseaddr(case.coordinator or "")
+    if "@" not in addr:
+        name = name or (case.coordinator or "").strip()
+        part = session.exec(select(Participant).where(
+            Participant.case_id == case.id, Participant.role == "coordinator")).first()
+        addr = part.address if part is not None else ""
+    return name, addr.strip()
+
+
 def step_notice(*, hub: Any, to_addr: str, case_id: str, step: str, what: str,
                 reason: str, todo: str) -> EmailMessage:
     """A notice to the coordinator about a step: case id and step name only, no content."""
@@ -135,7 +153,7 @@ class StepSender:
             patient = session.get(Patient, case.patient_id) if case.patient_id else None
             if patient is None or "@" not in (patient.email or ""):
                 raise ledger.SchedulingError(f"case {claim.case_id} has no patient address")
-            name, coord = ledger.coordinator_address(session, case)
+            name, coord = coordinator_address(session, case)
         domain = self.hub.config.hub.domain
         mail_from = coord or f"hub@{domain}"
         ctx = render_context(case, patient, name, claim.send_at_utc, claim.timezone)
@@ -217,7 +235,7 @@ class StepSender:
             row.claimed_by, row.claimed_at = "", None
             session.add(row)
             case = session.get(Case, claim.case_id)
-            addr = (ledger.coordinator_address(session, case)[1] if case else "") or \
+            addr = (coordinator_address(session, case)[1] if case else "") or \
                 self.hub.config.hub.postmaster_address
             notice = step_notice(hub=self.hub, to_addr=addr, case_id=claim.case_id,
                                  step=claim.step, what=what, reason=reason, todo=todo)

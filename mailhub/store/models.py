@@ -46,6 +46,7 @@ class KeyRecord(SQLModel, table=True):
     unusable_reason: str = ""
     material: str | None = Field(default=None, sa_column=Column(Text))  # public cert PEM (S/MIME)
     created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)  # any change (the policy's snapshot key)
     # Autocrypt Level 1 peer state (source == "autocrypt").
     prefer_encrypt: bool = False
     last_seen: datetime | None = None

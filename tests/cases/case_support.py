@@ -14,13 +14,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session
 
 from mailhub.app import Hub
 from mailhub.config import load_config
 from mailhub.crypto.atrest import generate_atrest_key
 from mailhub.store.db import make_engine, migrate
-from tests.pgserver import PgServer, session_server
+from tests.pgserver import session_server
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_DOMAIN = "medvoyage.example"
@@ -29,31 +30,54 @@ CLINIC = "dr.kaya@clinic-a.example"
 COORD = "lena@medvoyage.example"
 INTAKE = "intake@medvoyage.example"
 
+_templates: dict[str, str] = {}  # session-wide parts made once: template db, shared folder
+_PG_DATABASE = "mh_cases"
 
-def make_instance_dir(root: Path, database_url: str = "") -> Path:
-    """A working instance folder; returns its config.toml."""
+
+def make_instance_dir(root: Path, database_url: str = "", *, shared: Path | None = None) -> Path:
+    """A working instance folder; returns its config.toml.
+
+    With ``shared`` (a folder from ``shared_parts``) the rules, templates and at-rest key are
+    used from there instead of being copied and generated for this instance.
+    """
     root.mkdir(parents=True, exist_ok=True)
     text = (REPO / "config.example.toml").read_text(encoding="utf-8")
     if database_url:
         text = re.sub(r'^database_url = ""', f'database_url = "{database_url}"', text,
                       count=1, flags=re.M)
+    if shared is not None:
+        for key in ("keys_dir", "rules_dir", "templates_dir"):
+            folder = shared / key.removesuffix("_dir")
+            text = re.sub(rf'^{key} = ".*"', f'{key} = "{folder}"', text, count=1, flags=re.M)
     cfg = root / "config.toml"
     cfg.write_text(text, encoding="utf-8")
-    shutil.copytree(REPO / "rules", root / "rules")
-    shutil.copytree(REPO / "templates", root / "templates")
-    generate_atrest_key(root / "keys" / "atrest.key")
+    if shared is None:
+        shutil.copytree(REPO / "rules", root / "rules")
+        shutil.copytree(REPO / "templates", root / "templates")
+        generate_atrest_key(root / "keys" / "atrest.key")
     return cfg
 
 
-def make_hub(root: Path, database_url: str = "", *, migrate: bool = True) -> Hub:
-    hub = Hub(load_config(make_instance_dir(root, database_url)))
+def shared_parts(config: pytest.Config) -> Path:
+    """Rules, templates and an at-rest key made once per session (read-only for tests)."""
+    if "shared" not in _templates:
+        folder = Path(tempfile.mkdtemp(prefix="mhsh", dir="/tmp"))
+        shutil.copytree(REPO / "rules", folder / "rules")
+        shutil.copytree(REPO / "templates", folder / "templates")
+        generate_atrest_key(folder / "keys" / "atrest.key")
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        _templates["shared"] = str(folder)
+    return Path(_templates["shared"])
+
+
+def make_hub(root: Path, database_url: str = "", *, migrate: bool = True,
+             shared: Path | None = None) -> Hub:
+    hub = Hub(load_config(make_instance_dir(root, database_url, shared=shared)))
     if migrate:
         hub.migrate()
     return hub
 
 
-_templates: dict[str, str] = {}
-_PG_TEMPLATE = "mh_tpl_cases"
 
 
 def _sqlite_template(config: pytest.Config) -> Path:
@@ -68,27 +92,34 @@ def _sqlite_template(config: pytest.Config) -> Path:
     return Path(_templates["sqlite"])
 
 
-def _pg_database(config: pytest.Config) -> tuple[PgServer, str]:
-    """A fresh database copied from a migrated template database (made once per session)."""
+def _pg_database(config: pytest.Config) -> str:
+    """The session's migrated case-store database, emptied (TRUNCATE is far cheaper than
+    creating a database per test)."""
     server = session_server(config)
     key = f"pg:{server.port}"
     if key not in _templates:
-        engine = make_engine(server.create_database(_PG_TEMPLATE))
+        engine = make_engine(server.create_database(_PG_DATABASE))
         migrate(engine)
         engine.dispose()
-        _templates[key] = _PG_TEMPLATE
-    return server, server.create_database(template=_templates[key])
+        _templates[key] = server.url(_PG_DATABASE)
+    url = _templates[key]
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        tables = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                   "AND tablename <> 'alembic_version'")).scalars().all()
+        if tables:
+            names = ", ".join(f'"{t}"' for t in tables)
+            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return url
 
 
 @pytest.fixture(name="hub", params=["sqlite", "postgresql"])
 def hub_fixture(request: pytest.FixtureRequest) -> Iterator[Hub]:
     """A real hub with an empty, migrated database: SQLite in data_dir, or PostgreSQL."""
     root = Path(tempfile.mkdtemp(prefix="mhc", dir="/tmp"))
-    server: PgServer | None = None
-    url = ""
-    if request.param == "postgresql":
-        server, url = _pg_database(request.config)
-    h = make_hub(root, url, migrate=False)
+    url = _pg_database(request.config) if request.param == "postgresql" else ""
+    h = make_hub(root, url, migrate=False, shared=shared_parts(request.config))
     if not url:
         h.config.hub.data_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_sqlite_template(request.config), h.config.hub.data_dir / "mailhub.db")
@@ -96,8 +127,6 @@ def hub_fixture(request: pytest.FixtureRequest) -> Iterator[Hub]:
         yield h
     finally:
         h.engine.dispose()
-        if server is not None:
-            server.drop_database(url.rsplit("/", 1)[1])
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_corpus_is_complete() -> None:
     assert [int(p.name.split("-")[0]) for p in FILES] == list(range(1, 21))
 
 
-def _top_text(msg) -> str:  # noqa: ANN001 - EmailMessage
+def _top_text(msg: EmailMessage) -> str:
     part = next(p for p in msg.walk() if p.get_content_type() == "text/plain")
     return part.get_content()
 

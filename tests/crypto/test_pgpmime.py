@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from mailhub.crypto.autocrypt import make_header, parse_header
+from mailhub.crypto.openpgp import KeyUnusable
 from mailhub.crypto.pgp_inbound import unwrap
-from mailhub.crypto.pgpmime import ENCRYPTED_SUBJECT, encrypt_message, make_7bit_safe, sign_message
+from mailhub.crypto.pgpmime import (
+    ENCRYPTED_SUBJECT,
+    encrypt_bytes,
+    encrypt_message,
+    make_7bit_safe,
+    sign_message,
+)
 from tests.crypto.pgp_fixtures import (
     Parties,
     gpg_cli,
@@ -96,8 +103,6 @@ def test_hub_reads_its_own_encrypted_message(pp: Parties, encrypted: bytes) -> N
 
 
 def test_encryption_to_an_unknown_key_raises(pp: Parties) -> None:
-    from mailhub.crypto.openpgp import KeyUnusable
-
     with pytest.raises(KeyUnusable):
         encrypt_message(sample_message(), gnupghome=pp.hub.gnupghome, recipients=["B" * 40],
                         signer=pp.hub_key.fingerprint)
@@ -157,3 +162,31 @@ def test_make_7bit_safe_reencodes_only_what_needs_it() -> None:
     assert text.get_content() == "Dear doctor,\nFrom the patient: fasting from 22:00 \nGrüße\n"
     assert pdf["Content-Transfer-Encoding"] == "base64"
     assert notes["Content-Transfer-Encoding"] == "7bit"
+
+
+def test_encrypt_bytes_keeps_the_body_bytes_and_folded_headers(pp: Parties) -> None:
+    raw = ("From coord@medvoyage.example Mon Nov 23 10:00:00 2026\n"
+           "From: =?utf-8?q?Koordinatorin_J=C3=BCrgens?= <coord@medvoyage.example>\n"
+           "To: doc@clinic-a.example,\n second@clinic-a.example\n"
+           "Subject: [MT-2026-0042] Rückflug\n"
+           "Bcc: boss@medvoyage.example\n"
+           "X-Case: MT-2026-0042\n"
+           "\n"
+           "No Content-Type here; body stays byte for byte.\n").encode()
+    out = encrypt_bytes(raw, gnupghome=pp.hub.gnupghome, recipients=[pp.partner_fpr],
+                        signer=pp.hub_key.fingerprint)
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert b"\n" not in head.replace(b"\r\n", b"")  # CRLF throughout the outer header
+    assert b"Subject: ...\r\n" in head and b"R\xc3\xbcckflug" not in out
+    assert b"Bcc" not in out and b"X-Case" not in head and b"From coord" not in head
+    assert b"To: doc@clinic-a.example,\r\n second@clinic-a.example\r\n" in head
+    outer = parse(out)
+    proc = gpg_cli(pp.partner_home, "--decrypt",
+                   data=outer.get_payload()[1].get_payload(decode=True))
+    assert validsig_primary(proc) == pp.hub_key.fingerprint
+    assert proc.stdout.endswith(b"\r\n\r\nNo Content-Type here; body stays byte for byte.\n")
+    inner = parse(proc.stdout)
+    assert inner.get_content_type() == "text/plain"
+    assert inner.get_param("protected-headers") == "v1"
+    assert inner["Subject"] == "[MT-2026-0042] Rückflug" and inner["X-Case"] == "MT-2026-0042"
+    assert inner["Bcc"] is None

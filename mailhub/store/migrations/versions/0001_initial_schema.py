@@ -1,8 +1,8 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
-Create Date: 2026-11-23 00:18:58.645570
+Revises:
+Create Date: 2026-11-23 00:27:10.614664
 """
 import sqlalchemy as sa
 import sqlmodel
@@ -57,6 +57,7 @@ def upgrade() -> None:
     sa.Column('unusable_reason', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('material', sa.Text(), nullable=True),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('updated_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('prefer_encrypt', sa.Boolean(), nullable=False),
     sa.Column('last_seen', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('autocrypt_timestamp', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
