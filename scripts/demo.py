@@ -114,7 +114,7 @@ def main() -> int:
     subprocess.run([*gpg, "--import"], input=hub_pub.encode(), capture_output=True, check=True)
     print(mailhub(cfg, "keys", "list"))
 
-    say("a stand-in smarthost on 127.0.0.1:%d prints what leaves the hub" % smart_port)
+    say(f"a stand-in smarthost on 127.0.0.1:{smart_port} prints what leaves the hub")
     sink = Smarthost()
     controller = Controller(sink, hostname="127.0.0.1", port=smart_port)
     controller.start()
