@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-ruff check mailhub tests bench
+ruff check mailhub tests bench scripts
 python3 -m pytest -q -p no:cacheprovider "$@"
