@@ -35,22 +35,18 @@ def parse(raw: bytes) -> EmailMessage:
 
 
 def protect_bytes(raw: bytes, job: ProtectJob) -> bytes:
-    """Sign and encrypt one message (runs in a worker process)."""
-    msg = parse(raw)
+    """Sign and encrypt one message (runs in a worker process); the body is never re-parsed."""
     if job.method == "openpgp":
-        from mailhub.crypto.pgpmime import encrypt_message
+        from mailhub.crypto.pgpmime import encrypt_bytes
 
-        out = encrypt_message(msg, gnupghome=job.gnupghome, recipients=list(job.recipient_fprs),
-                              signer=job.signer_fpr,
-                              autocrypt_header=job.autocrypt_header or None)
-    elif job.method == "smime":
+        return encrypt_bytes(raw, gnupghome=job.gnupghome, recipients=list(job.recipient_fprs),
+                             signer=job.signer_fpr, autocrypt_header=job.autocrypt_header or None)
+    if job.method == "smime":
         from mailhub.crypto.smime import sign_encrypt_bytes
 
         return sign_encrypt_bytes(raw, job.signer_key_pem, job.signer_cert_pem,
                                   list(job.recipient_cert_pems))
-    else:
-        raise CryptoError(f"unknown protection method {job.method!r}")
-    return out.as_bytes(policy=policy.SMTP)
+    raise CryptoError(f"unknown protection method {job.method!r}")
 
 
 class CryptoEngine:
