@@ -109,15 +109,24 @@ class OutboundPipeline:
             return ""
         return autocrypt_unfold(make_autocrypt_header(froms[0], binary, prefer_encrypt=True))
 
+    def consent(self, address: str) -> bool:
+        """Whether a patient recorded consent to plain email (asked only when no key helps)."""
+        from mailhub.scheduler.ledger import consent_for
+
+        with Session(self.hub.engine) as session:
+            return consent_for(session, address)
+
     def prepare(self, sm: SpooledMessage) -> Prepared:
         cfg = self.hub.config
         raw, message_id = ensure_headers(sm.content, cfg.hub.domain)
         policy = self.hub.policy_cache.current()
         decisions: dict[str, OutboundDecision] = {}
         for rcpt in dict.fromkeys(sm.envelope.rcpt_tos):
+            keys = self.hub.key_snapshot.candidates(rcpt)
             ctx = RecipientContext(address=rcpt, hub_domain=cfg.hub.domain,
                                    internal_relay_set=cfg.delivery.internal_relay is not None,
-                                   keys=self.hub.key_snapshot.candidates(rcpt))
+                                   keys=keys, consent_plain_email=(
+                                       not any(k.usable for k in keys) and self.consent(rcpt)))
             decision = decide_recipient(ctx, policy)
             decisions[rcpt] = decision
             log_decision(message_id, decision.trace, recipient=rcpt)

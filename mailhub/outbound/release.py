@@ -43,7 +43,7 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
     ctx = RecipientContext(address=row.recipient, hub_domain=cfg.hub.domain,
                            internal_relay_set=cfg.delivery.internal_relay is not None,
                            keys=hub.key_snapshot.candidates(row.recipient),
-                           consent_plain_email=False)
+                           consent_plain_email=pipeline.consent(row.recipient))
     decision = decide_recipient(ctx, hub.policy_cache.current())
     prep = Prepared(row.source_id, raw, row.message_id, row.sender, visible_recipients(raw),
                     {row.recipient: decision})
