@@ -237,6 +237,19 @@ def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
     inbound = InboundFlow(hub, server.writer, on_queued=server.delivery.wake)
     server.processors["inbound"] = inbound.process
     server.pipeline.case_hook = _outbound_case_hook(hub)
+    if hub.config.imap.enabled:
+        from mailhub.ingress.imap_link import ImapLink
+
+        link = ImapLink(hub, inbound, server.inbound_gate)
+        inbound.on_filed = link.copy
+        server.pipeline.on_filed = link.copy
+
+        async def imap_task(stop: asyncio.Event) -> None:
+            await asyncio.to_thread(link.start)
+            await stop.wait()
+            await asyncio.to_thread(link.stop)
+
+        server.extra_tasks.append(imap_task)
 
     async def auto_release_loop(stop: asyncio.Event) -> None:
         from mailhub.outbound.release import auto_release

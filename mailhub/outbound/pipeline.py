@@ -86,6 +86,7 @@ class OutboundPipeline:
         self.on_queued = on_queued
         self.writer = writer or QueueWriter(hub)
         self.case_hook = case_hook
+        self.on_filed: Callable[[str, str | None, bytes], None] | None = None  # IMAP copy
         # the serving process's single writer (set by the Server): commits shared between
         # messages; without it each step commits on its own
         self.commits: GroupCommit | None = None
@@ -253,3 +254,5 @@ class OutboundPipeline:
         await asyncio.to_thread(self.hub.spool.remove, listener, spool_id)
         if self.on_queued:
             self.on_queued()
+        if self.on_filed and prep.case_id:
+            self.on_filed(prep.case_id, None, prep.raw)
