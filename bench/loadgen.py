@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
@@ -80,15 +81,17 @@ def client_tls() -> ssl.SSLContext:
     return ctx
 
 
-async def _session(host: str, port: int, items: list[Item], result: LoadResult, *,
-                   sender: str, login: tuple[str, str] | None, tls: bool) -> None:
+async def _open(host: str, port: int, *, login: tuple[str, str] | None,
+                tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect, EHLO, STARTTLS and AUTH PLAIN: a session ready for MAIL."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         await _reply(reader)
         await _cmd(reader, writer, b"EHLO bench.client")
         if tls:
             code, _ = await _cmd(reader, writer, b"STARTTLS")
-            assert code == 220, code
+            if code != 220:
+                raise ConnectionError(f"STARTTLS refused: {code}")
             await writer.start_tls(client_tls())
             await _cmd(reader, writer, b"EHLO bench.client")
         if login:
@@ -96,6 +99,20 @@ async def _session(host: str, port: int, items: list[Item], result: LoadResult, 
             code, text = await _cmd(reader, writer, f"AUTH PLAIN {token}".encode())
             if code != 235:
                 raise ConnectionError(f"AUTH refused: {text!r}")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _session(host: str, port: int, items: list[Item], result: LoadResult, *,
+                   sender: str, login: tuple[str, str] | None, tls: bool,
+                   ready: Callable[[], Awaitable[None]]) -> None:
+    try:
+        reader, writer = await _open(host, port, login=login, tls=tls)
+    finally:
+        await ready()  # a session that failed to open must not hold the others back
+    try:
         while items:
             item = items.pop()
             code, text = await _cmd(reader, writer, f"MAIL FROM:<{sender}>".encode())
@@ -120,14 +137,26 @@ async def _session(host: str, port: int, items: list[Item], result: LoadResult, 
 
 async def run_load(host: str, port: int, items: list[Item], *, sessions: int, sender: str,
                    login: tuple[str, str] | None, tls: bool) -> LoadResult:
-    """Send every item over ``sessions`` concurrent sessions (each reused for many messages)."""
+    """Send every item over ``sessions`` concurrent sessions (each reused for many messages).
+
+    The clock starts once every session has done its STARTTLS and AUTH (a steady state: the
+    set-up of a session is not what is compared)."""
     result = LoadResult()
     todo = list(reversed(items))
+    go = asyncio.Event()
+    waiting = [sessions]
+
+    async def ready() -> None:
+        waiting[0] -= 1
+        if waiting[0] == 0:
+            result.started = time.perf_counter()
+            go.set()
+        await go.wait()
+
     cpu0 = time.process_time()
-    result.started = time.perf_counter()
     outcomes = await asyncio.gather(*(_session(host, port, todo, result, sender=sender,
-                                               login=login, tls=tls) for _ in range(sessions)),
-                                    return_exceptions=True)
+                                               login=login, tls=tls, ready=ready)
+                                      for _ in range(sessions)), return_exceptions=True)
     result.client_cpu = time.process_time() - cpu0
     result.errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
     return result
@@ -186,11 +215,11 @@ def _sink_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  
 # --- the bare aiosmtpd reference server, in its own process ----------------------------------
 
 def _bare_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  # type: ignore[type-arg]
-    import warnings
+    import logging
 
     from aiosmtpd.smtp import SMTP, AuthResult
 
-    warnings.simplefilter("ignore")  # aiosmtpd warns about its own login_data on every AUTH
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # a deprecation line on every AUTH
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
 

@@ -173,6 +173,16 @@ def phase(name: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def admin(url: str, sql: str) -> None:
+    """Run one statement outside a transaction (CREATE/DROP DATABASE) on the URL's server."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -185,6 +195,9 @@ def main() -> None:
     ap.add_argument("--due", type=int, default=40)
     ap.add_argument("--database-url", default="",
                     help="PostgreSQL URL of an EMPTY database for the loaded run (default: SQLite)")
+    ap.add_argument("--empty-database-url", default="",
+                    help="with --database-url: a second empty database for the reference run "
+                         "(default: created next to the first, and dropped)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -196,12 +209,22 @@ def main() -> None:
         print(json.dumps(fn()))
         return
 
-    with tempfile.TemporaryDirectory(prefix="mhbench") as tmp:
-        loaded, empty = Path(tmp) / "loaded", Path(tmp) / "empty"
-        fill = phase("populate", loaded, args)
-        ref = phase("select", loaded, args)
-        run_loaded = phase("dispatch", loaded, args)
-        run_empty = phase("dispatch", empty, argparse.Namespace(**{**vars(args), "database_url": ""}))
+    empty_url, made = args.empty_database_url, ""
+    if args.database_url and not empty_url:
+        made = f"{args.database_url.rsplit('/', 1)[1]}_bench_empty"
+        admin(args.database_url, f'CREATE DATABASE "{made}"')
+        empty_url = f"{args.database_url.rsplit('/', 1)[0]}/{made}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="mhbench") as tmp:
+            loaded, empty = Path(tmp) / "loaded", Path(tmp) / "empty"
+            fill = phase("populate", loaded, args)
+            ref = phase("select", loaded, args)
+            run_loaded = phase("dispatch", loaded, args)
+            run_empty = phase("dispatch", empty,
+                              argparse.Namespace(**{**vars(args), "database_url": empty_url}))
+    finally:
+        if made:
+            admin(args.database_url, f'DROP DATABASE IF EXISTS "{made}" WITH (FORCE)')
 
     print(f"scheduler benchmark: {args.pending:,} pending steps "
           f"({'PostgreSQL' if args.database_url else 'SQLite'}), {args.due} steps coming due")

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import shutil
 import signal
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from mailhub.app import Hub
 from mailhub.crypto.engine import CryptoEngine
@@ -113,10 +119,15 @@ class SpoolRunner:
 class Server:
     """The running hub. ``start`` returns when both SMTP ports accept connections."""
 
-    def __init__(self, hub: Hub, *, crypto_workers: int | None = None) -> None:
+    def __init__(self, hub: Hub, *, crypto_workers: int | None = None,
+                 listener_processes: int | None = None) -> None:
         self.hub = hub
         cfg = hub.config
         workers = cfg.crypto.worker_count if crypto_workers is None else crypto_workers
+        if listener_processes is None:  # inline mode (crypto_workers=0: tests) keeps one process
+            listener_processes = 0 if workers == 0 else min(4, (os.cpu_count() or 1) - 1)
+        self.submission_procs = (SubmissionProcesses(hub, listener_processes)
+                                 if listener_processes > 0 else None)
         self.crypto = CryptoEngine(workers)
         self.stop_event = asyncio.Event()
         self.writer = QueueWriter(hub)
@@ -145,13 +156,7 @@ class Server:
         self.delivery.wake()
 
     def check_user(self, login: str, password: str) -> bool:
-        from sqlmodel import Session, select
-
-        from mailhub.store.models import User
-
-        with Session(self.hub.engine) as session:
-            user = session.exec(select(User).where(User.email == login.lower())).first()
-        return bool(user and not user.disabled and verify_password(password, user.password_hash))
+        return check_user(self.hub, login, password)
 
     async def start(self) -> None:
         hub, cfg = self.hub, self.hub.config
@@ -168,13 +173,7 @@ class Server:
                                     on_spooled=self.runner.submit, gate=self.inbound_gate)
 
         def submission_factory() -> HubSMTP:
-            return HubSMTP(sub_handler, throttle=self.throttle, hostname=cfg.hub.domain,
-                           ident="mailhub ESMTP", tls_context=tls, require_starttls=False,
-                           auth_required=True,
-                           auth_require_tls=cfg.submission.require_tls_for_auth,
-                           authenticator=authenticator,
-                           data_size_limit=cfg.submission.max_message_size,
-                           enable_SMTPUTF8=True, decode_data=False)
+            return submission_protocol(hub, sub_handler, self.throttle, tls, authenticator)
 
         def inbound_factory() -> HubSMTP:
             return HubSMTP(in_handler, hostname=cfg.hub.domain, ident="mailhub ESMTP",
@@ -185,6 +184,9 @@ class Server:
 
         loop = asyncio.get_running_loop()
         for factory, lc in ((submission_factory, cfg.submission), (inbound_factory, cfg.inbound)):
+            if lc is cfg.submission and self.submission_procs is not None:
+                await self.submission_procs.start(self.runner.submit)  # served by children
+                continue
             server = await loop.create_server(factory, host=lc.listen.host, port=lc.listen.port)
             self._servers.append(server)
         n = await asyncio.to_thread(queue.retry_all_now, hub.engine)
@@ -202,6 +204,8 @@ class Server:
         return [s.sockets[0].getsockname()[1] for s in self._servers]
 
     async def stop(self) -> None:
+        if self.submission_procs is not None:
+            await asyncio.to_thread(self.submission_procs.stop)
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -223,6 +227,137 @@ class Server:
         await self.stop()
 
 
+def check_user(hub: Hub, login: str, password: str) -> bool:
+    from sqlmodel import Session, select
+
+    from mailhub.store.models import User
+
+    with Session(hub.engine) as session:
+        user = session.exec(select(User).where(User.email == login.lower())).first()
+    return bool(user and not user.disabled and verify_password(password, user.password_hash))
+
+
+def submission_protocol(hub: Hub, handler: SubmissionHandler, throttle: FailureThrottle,
+                        tls: ssl.SSLContext, authenticator: Any) -> HubSMTP:
+    cfg = hub.config
+    return HubSMTP(handler, throttle=throttle, hostname=cfg.hub.domain, ident="mailhub ESMTP",
+                   tls_context=tls, require_starttls=False, auth_required=True,
+                   auth_require_tls=cfg.submission.require_tls_for_auth,
+                   authenticator=authenticator, data_size_limit=cfg.submission.max_message_size,
+                   enable_SMTPUTF8=True, decode_data=False)
+
+
+class SubmissionProcesses:
+    """Child processes serving the submission port, so SMTP parsing, TLS and the spool fsync use
+    another core than the pipeline and delivery (one event loop, one GIL, cannot).
+
+    The parent opens the listening socket and hands it to every child; a child answers 250 only
+    after the spool fsync, as in one process, then sends the spool id back over a pipe. A child
+    exits when the parent's end of its pipe closes (a crash of the parent included): spooled
+    files are found at the next start. A child that dies is replaced. The AUTH failure throttle
+    counts per child.
+    """
+
+    def __init__(self, hub: Hub, count: int) -> None:
+        self.hub = hub
+        self.count = count
+        self.sock: socket.socket | None = None
+        self.children: dict[int, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
+        self._stopping = False
+
+    async def start(self, on_spooled: Callable[[str, str], None]) -> None:
+        listen = self.hub.config.submission.listen
+        self.sock = socket.create_server((listen.host, listen.port), backlog=1024)
+        self._on_spooled = on_spooled
+        self._loop = asyncio.get_running_loop()
+        ready = [self._spawn() for _ in range(self.count)]
+        await asyncio.wait_for(asyncio.gather(*ready), timeout=120)
+
+    def _spawn(self) -> asyncio.Future[None]:
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_submission_child, args=(self.hub.config, self.sock, theirs),
+                           name="mailhub-submission", daemon=True)
+        proc.start()
+        theirs.close()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self.children[ours.fileno()] = (proc, ours)
+        self._loop.add_reader(ours.fileno(), self._read, ours, ready)
+        return ready
+
+    def _read(self, conn: Connection, ready: asyncio.Future[None]) -> None:
+        try:
+            while conn.poll():
+                kind, value = conn.recv()
+                if kind == "ready" and not ready.done():
+                    ready.set_result(None)
+                elif kind != "ready":
+                    self._on_spooled(kind, value)
+        except (EOFError, OSError):
+            self._loop.remove_reader(conn.fileno())
+            proc, _ = self.children.pop(conn.fileno())
+            conn.close()
+            if not ready.done():
+                ready.set_exception(RuntimeError("a submission process failed to start"))
+            elif not self._stopping:
+                log.error("submission process %s exited (code %s); starting another", proc.pid,
+                          proc.exitcode)
+                self._spawn()
+
+    def stop(self) -> None:
+        """Ask the children to stop (blocking: run in a thread)."""
+        self._stopping = True
+        for proc, conn in list(self.children.values()):
+            try:
+                conn.send(("stop", ""))
+            except OSError:
+                pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _submission_child(config: Any, sock: socket.socket, conn: Connection) -> None:
+    """A submission process's main (spawned: nothing is inherited but the socket and pipe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve_submission(Hub(config), sock, conn))
+
+
+async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="mailhub-io"))
+    done = asyncio.Event()
+
+    def on_parent() -> None:
+        try:
+            conn.recv()
+        except (EOFError, OSError):
+            pass
+        done.set()
+
+    def on_spooled(listener: str, spool_id: str) -> None:
+        try:
+            conn.send((listener, spool_id))
+        except OSError:  # the parent is gone; the file waits in the spool for the next start
+            done.set()
+
+    cfg = hub.config
+    throttle = FailureThrottle(free_failures=cfg.submission.auth_failures_before_delay)
+    tls = server_tls_context(str(hub.keys.tls_cert), str(hub.keys.tls_key))
+    authenticator = make_authenticator(lambda login, pw: check_user(hub, login, pw), throttle)
+    handler = SubmissionHandler(domain=cfg.hub.domain, spool=hub.spool, on_spooled=on_spooled)
+    loop.add_reader(conn.fileno(), on_parent)
+    server = await loop.create_server(
+        lambda: submission_protocol(hub, handler, throttle, tls, authenticator), sock=sock)
+    conn.send(("ready", ""))
+    await done.wait()
+    server.close()
+
+
 def pidfile(hub: Hub) -> Path:
     return hub.config.hub.data_dir / "mailhub.pid"
 
@@ -237,6 +372,14 @@ def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
     inbound = InboundFlow(hub, server.writer, on_queued=server.delivery.wake)
     server.processors["inbound"] = inbound.process
     server.pipeline.case_hook = _outbound_case_hook(hub)
+
+    from mailhub.scheduler.dispatcher import Dispatcher
+    from mailhub.scheduler.ledger import care_plans
+
+    care_plans(hub)  # validate every care plan at start-up: the error names file and step
+    server.processors["scheduler"] = server.pipeline.process
+    dispatcher = Dispatcher(hub, process=server.pipeline.process, on_queued=server.delivery.wake)
+    server.extra_tasks.append(dispatcher.run)
     if hub.config.imap.enabled:
         from mailhub.ingress.imap_link import ImapLink
 

@@ -159,6 +159,7 @@ def show_case(session: Session, sealer: Any, case_id: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ExportResult:
+    case_id: str
     path: Path
     messages: int
     size: int
@@ -227,4 +228,4 @@ def export_case(session: Session, sealer: Any, case_id: str, output: Path | str,
             raise CaseInputError(f"{target} already exists; not replacing it") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(target, count, target.stat().st_size)
+    return ExportResult(case.id, target, count, target.stat().st_size)

@@ -31,10 +31,11 @@ from mailhub.cases.store import (
 from mailhub.cases.subjects import find_case_tags
 from mailhub.cases.threading import Incoming, assign_case, case_address_id, incoming_from_message
 from mailhub.crypto.protection import Protection
+from mailhub.errors import StoreError
 from mailhub.parse.headers import addresses, decode_words, normalize_address, raw_headers
 from mailhub.parse.msgid import parse_msgid_list
 from mailhub.store import audit
-from mailhub.store.models import Case
+from mailhub.store.models import Case, Patient
 
 log = logging.getLogger("mailhub.cases")
 
@@ -73,9 +74,17 @@ def display_name(msg: Message, fallback: str) -> str:
     return fallback
 
 
-def _patient_name(session: Session, case_id: str) -> str:
+class _AlreadyStored(Exception):
+    """Internal: the message turned out to be stored already (rolls back a new case)."""
+
+
+def case_patient(session: Session, case_id: str) -> Patient:
     case = session.get(Case, case_id)
-    return patient_of(session, case).name if case is not None else ""
+    return patient_of(session, case) if case is not None else Patient(name="", email="")
+
+
+def _patient_name(session: Session, case_id: str) -> str:
+    return case_patient(session, case_id).name
 
 
 def file_inbound(session: Session, hub: Any, raw: bytes, protection: Protection | None = None,
@@ -99,24 +108,39 @@ def file_inbound(session: Session, hub: Any, raw: bytes, protection: Protection 
                             incoming.hub_domain)
     decision = assign_case(incoming, index)
     created = decision.case_id is None
+    store = {"raw": raw, "direction": "in", "protection": protection or NO_PROTECTION,
+             "thread_reason": decision.reason, "unverified_sender": decision.unverified_sender,
+             "hub_domain": hub.domain, "index": index, "envelope_from": envelope_from,
+             "envelope_to": rcpts, "msg": msg}
+    row = None
     if created:
+        # in a savepoint: if another instance stores the same message first, the new case
+        # opened for it here is rolled back instead of being left empty
         sender = incoming.from_addr
         name = display_name(msg, sender.partition("@")[0] or "unknown sender")
-        case_id = create_case(session, patient_name=name, patient_email=sender, actor=actor,
-                              why="first contact").id
+        try:
+            with session.begin_nested():
+                case = create_case(session, patient_name=name, patient_email=sender,
+                                   actor=actor, why="first contact")
+                row = file_message(session, hub.sealer, case_id=case.id,
+                                   patient_email=case_patient(session, case.id).email, **store)
+                if row is None:
+                    raise _AlreadyStored
+            case_id = case.id
+        except _AlreadyStored:
+            row = None
     else:
         case_id = resolve_merged(session, decision.case_id or "")
-    patient = patient_of(session, session.get(Case, case_id))  # type: ignore[arg-type]
-    row = file_message(session, hub.sealer, raw=raw, direction="in", case_id=case_id,
-                       protection=protection or NO_PROTECTION, thread_reason=decision.reason,
-                       unverified_sender=decision.unverified_sender, hub_domain=hub.domain,
-                       index=index, patient_email=patient.email, envelope_from=envelope_from,
-                       envelope_to=rcpts, msg=msg)
+        row = file_message(session, hub.sealer, case_id=case_id,
+                           patient_email=case_patient(session, case_id).email, **store)
     if row is None:  # stored meanwhile by a concurrent copy
         again = find_duplicate(session, ident)
-        pk = int(again.id or 0) if again is not None else 0
-        return FiledResult(case_id, patient.name, pk, created, decision.unverified_sender, True,
-                           "duplicate")
+        if again is None:
+            raise StoreError("the message was neither stored nor found as a duplicate",
+                             hint="retry; check the database's health")
+        return FiledResult(again.case_id, _patient_name(session, again.case_id),
+                           int(again.id or 0), False, again.unverified_sender, True, "duplicate")
+    patient = case_patient(session, case_id)
     prot = protection or NO_PROTECTION
     audit.append(session, actor, "filed", message_id=row.message_id, case_id=case_id,
                  detail={"direction": "in", "reason": decision.reason,
@@ -172,7 +196,7 @@ def file_outbound(session: Session, hub: Any, raw: bytes, sender: str, recipient
     if case_id is None:
         return None
     case_id = resolve_merged(session, case_id)
-    patient = patient_of(session, session.get(Case, case_id))  # type: ignore[arg-type]
+    patient = case_patient(session, case_id)
     row = file_message(session, hub.sealer, raw=raw, direction="out", case_id=case_id,
                        protection=protection or NO_PROTECTION, thread_reason=reason,
                        hub_domain=hub.domain, index=index, patient_email=patient.email,

@@ -68,14 +68,19 @@ def _text(value: str, what: str, problems: list[str], *, required: bool = False)
     return text
 
 
-def _address(value: str, what: str, problems: list[str], *, required: bool = True) -> str:
-    if not value.strip() and not required:
-        return ""
+def _address(value: str, what: str, problems: list[str]) -> str:
     norm = normalize_address(value)
     if norm is None or "." not in norm.rpartition("@")[2] and not norm.endswith("@localhost"):
         problems.append(f"{what} {value!r} is not an e-mail address")
         return ""
     return norm
+
+
+def _coordinator(value: str, problems: list[str]) -> str:
+    """A coordinator's e-mail address (normalized), or a plain name when it has no ``@``."""
+    if "@" in value:
+        return _address(value, "coordinator", problems)
+    return _text(value, "coordinator", problems)
 
 
 def _zone(value: str, what: str, problems: list[str]) -> str:
@@ -113,7 +118,7 @@ def create_case(session: Session, *, patient_name: str, patient_email: str, acto
     session.flush()
     if email:
         add_participants(session, case.id, {email: "patient"})
-    if coordinator:
+    if "@" in coordinator:
         add_participants(session, case.id, {coordinator: "coordinator"})
     audit.append(session, actor, "case-opened", case_id=case.id,
                  detail={"status": status, "how": why, "procedure": procedure, "clinic": clinic})
@@ -131,7 +136,7 @@ def open_case(session: Session, *, patient_name: str, patient_email: str, timezo
     lang = _language(language, problems)
     plan = _text(procedure, "procedure", problems)
     where = _text(clinic, "clinic", problems)
-    coord = _address(coordinator, "coordinator", problems, required=False)
+    coord = _coordinator(coordinator, problems)
     if status not in STATUSES:
         problems.append(f"status {status!r} is not one of {', '.join(STATUSES)}")
     _fail_if(problems, "see 'mailhub cases open --help'")
@@ -248,7 +253,7 @@ def _validate(session: Session, case: Case, given: dict[str, str],
         elif key == "language":
             new[key] = _language(value, problems)
         elif key == "coordinator":
-            new[key] = _address(value, "coordinator", problems, required=False)
+            new[key] = _coordinator(value, problems)
         elif key == "patient_email":
             new[key] = _address(value, "patient_email", problems)
         elif key in TEXT_KEYS:
@@ -260,18 +265,17 @@ def _validate(session: Session, case: Case, given: dict[str, str],
     return new
 
 
-def _reschedule(session: Session, hub: Any, case_id: str) -> str | None:
-    """Run the scheduler's hook (when that module exists) in a savepoint; the error text."""
-    try:
-        from mailhub.scheduler.ledger import reschedule_case  # type: ignore[import-not-found]
-    except ImportError as exc:
-        if exc.name != "mailhub.scheduler.ledger":
-            raise
-        log.info("scheduler ledger not available: case %s not rescheduled", case_id)
-        return None
+def _reschedule(session: Session, hub: Any, case_id: str, actor: str) -> str | None:
+    """Recompute the case's schedule in a savepoint; the error text when it cannot be.
+
+    A failure (an unknown care plan, a broken rule file) rolls back only the schedule change:
+    the case change stands and the caller reports the problem.
+    """
+    from mailhub.scheduler.ledger import reschedule_case
+
     try:
         with session.begin_nested():
-            reschedule_case(session, hub, case_id)
+            reschedule_case(session, hub, case_id, actor=actor)
     except MailhubError as exc:
         log.warning("case %s: schedule not updated: %s", case_id, exc)
         return str(exc)
@@ -304,7 +308,7 @@ def set_fields(session: Session, hub: Any, case_id: str, pairs: list[str], *,
                      detail={"consent_plain_email": case.consent_plain_email, "by": actor})
     if "patient_email" in result.changed and patient.email:
         add_participants(session, case.id, {patient.email: "patient"})
-    if new.get("coordinator") and "coordinator" in result.changed:
+    if "@" in new.get("coordinator", "") and "coordinator" in result.changed:
         add_participants(session, case.id, {new["coordinator"]: "coordinator"})
     if not result.changed:
         result.notes.append("nothing changed")
@@ -315,7 +319,7 @@ def set_fields(session: Session, hub: Any, case_id: str, pairs: list[str], *,
     audit.append(session, actor, "case-updated", case_id=case.id,
                  detail={"fields": {k: v for k, v in result.changed.items()
                                     if k != "consent_plain_email"}})
-    result.schedule_error = _reschedule(session, hub, case.id)
+    result.schedule_error = _reschedule(session, hub, case.id, actor)
     return result
 
 
@@ -363,7 +367,7 @@ def merge_cases(session: Session, hub: Any, source_id: str, into_id: str, *,
     audit.append(session, actor, "case-merged", case_id=source.id, detail=detail)
     audit.append(session, actor, "case-merged", case_id=into.id,
                  detail={"from": source.id, "messages": int(moved or 0)})
-    problems = [e for e in (_reschedule(session, hub, source.id),
-                            _reschedule(session, hub, into.id)) if e]
+    problems = [e for e in (_reschedule(session, hub, source.id, actor),
+                            _reschedule(session, hub, into.id, actor)) if e]
     return {"source": source.id, "into": into.id, "messages_moved": int(moved or 0),
             "participants_added": joined, "schedule_error": "; ".join(problems) or None}

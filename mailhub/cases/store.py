@@ -24,14 +24,14 @@ from datetime import datetime
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
+from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailhub.crypto.protection import Protection
 from mailhub.parse.headers import addresses, normalize_address, raw_headers, safe_header
-from mailhub.parse.msgid import dedupe_and_cap, parse_msgid_list
+from mailhub.parse.msgid import dedupe_and_cap, normalize_msgid, parse_msgid_list
 from mailhub.store.models import (
     Attachment,
     Case,
@@ -53,6 +53,7 @@ MAX_RECIPIENTS = 500
 _LINE_END = re.compile(rb"\r\n|\r")
 _SPLIT = re.compile(rb"\r?\n\r?\n")
 _INSERT_CHUNK = 400
+_BRACKETED = re.compile(r'<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>')
 
 
 def msgid_key(norm: str) -> str:
@@ -164,6 +165,22 @@ class SqlCaseIndex:
         return "clinic" if _domain_matches(domain, self.partners) else "other"
 
 
+def insert_ignoring_conflicts(session: Session, table: Any, rows: list[dict[str, Any]],
+                              returning: Any = None) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` (PostgreSQL and SQLite): a row some unique
+    constraint already holds is skipped without aborting the transaction. The statement has
+    no inline values, so SQLAlchemy compiles it once and caches it."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(table).on_conflict_do_nothing()
+    if returning is not None:
+        stmt = stmt.returning(returning)
+    return session.execute(stmt, rows[0] if len(rows) == 1 else rows)
+
+
 def add_participants(session: Session, case_id: str, roles: dict[str, str]) -> int:
     """Add addresses (normalized -> role) not yet in the case; returns how many were added."""
     if not roles:
@@ -171,18 +188,13 @@ def add_participants(session: Session, case_id: str, roles: dict[str, str]) -> i
     stmt = select(Participant.address).where(Participant.case_id == case_id,
                                              Participant.address.in_(list(roles)))  # type: ignore[attr-defined]
     known = set(session.execute(stmt).scalars())
-    added = 0
-    for address, role in roles.items():
-        if address in known:
-            continue
-        try:
-            with session.begin_nested():
-                session.add(Participant(case_id=case_id, address=address, role=role))
-                session.flush()
-            added += 1
-        except IntegrityError:  # another instance added it meanwhile
-            continue
-    return added
+    rows = [{"case_id": case_id, "address": a, "role": r} for a, r in roles.items()
+            if a not in known]
+    if not rows:
+        return 0
+    table = Participant.__table__  # type: ignore[attr-defined]
+    result = insert_ignoring_conflicts(session, table, rows, returning=table.c.id)
+    return len(result.all())
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,8 @@ def identify(msg: Message, raw: bytes, hub_domain: str) -> Identity:
     written = " ".join(raw_headers(msg, "Message-ID")).strip()
     ids = parse_msgid_list(written)
     if ids:
-        shown = written if len(written) <= 998 and len(ids) == 1 else ids[0]
+        shown = next((m.group(0) for m in _BRACKETED.finditer(written[:4096])
+                      if normalize_msgid(m.group(0)) == ids[0]), ids[0])  # as written
         return Identity(digest, bdigest, shown, ids[0], msgid_key(ids[0]), False)
     seed = "\x00".join([*raw_headers(msg, "From")[:1], *raw_headers(msg, "Date")[:1],
                         *raw_headers(msg, "Subject")[:1], bdigest])
@@ -215,12 +228,13 @@ def identify(msg: Message, raw: bytes, hub_domain: str) -> Identity:
 
 def find_duplicate(session: Session, ident: Identity) -> StoredMessage | None:
     """The stored copy of this message (same raw bytes, or same Message-ID and body), if any."""
-    row = session.execute(select(StoredMessage).where(StoredMessage.digest == ident.digest)).scalar()
-    if row is None:
-        row = session.execute(select(StoredMessage).where(
-            StoredMessage.message_id_norm == ident.key,
-            StoredMessage.body_digest == ident.body_digest)).scalar()
-    return row
+    stmt = (select(StoredMessage.id)
+            .where(or_(StoredMessage.digest == ident.digest,
+                       and_(StoredMessage.message_id_norm == ident.key,
+                            StoredMessage.body_digest == ident.body_digest)))
+            .order_by(StoredMessage.id).limit(1))  # type: ignore[arg-type]
+    pk = session.execute(stmt).scalar()
+    return session.get(StoredMessage, pk) if pk is not None else None
 
 
 def _attachments(msg: Message) -> list[tuple[str, str, bytes]]:
@@ -252,7 +266,7 @@ def _with_message_id(raw: bytes, ident: Identity) -> bytes:
     if not ident.assigned:
         return raw
     eol = b"\r\n" if b"\r\n" in raw[:4096] else b"\n"
-    return b"Message-ID: " + ident.message_id.encode("ascii") + eol + raw
+    return b"Message-ID: " + ident.message_id.encode("utf-8") + eol + raw
 
 
 def file_message(session: Session, sealer, *, raw: bytes, direction: str,  # type: ignore[no-untyped-def]
@@ -265,14 +279,14 @@ def file_message(session: Session, sealer, *, raw: bytes, direction: str,  # typ
     """Store ``raw`` in ``case_id``, sealed; None when it is already stored (a duplicate).
 
     The sender and recipients become participants of the case unless ``unverified_sender``.
-    Runs in the caller's transaction (the caller commits).
+    Runs in the caller's transaction (the caller commits). Rows are written with Core inserts
+    (``ON CONFLICT DO NOTHING`` settles a race between two instances filing the same message);
+    the returned ``StoredMessage`` is a snapshot with its ``id`` set, not attached to the session.
     """
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out', not {direction!r}")
     msg = msg if msg is not None else parse_message(raw)
-    ident = identify(msg, raw, hub_domain)
-    if find_duplicate(session, ident) is not None:
-        return None
+    ident = identify(msg, raw, hub_domain)  # a duplicate is refused by the insert below
     prot = protection or Protection("none", "none")
     sender = (addresses(msg, "From") or [normalize_address(envelope_from) or ""])[0]
     rcpts = addresses(msg, "To", "Cc") or [a for a in (normalize_address(r) for r in envelope_to)
@@ -293,30 +307,29 @@ def file_message(session: Session, sealer, *, raw: bytes, direction: str,  # typ
         size=len(raw), digest=ident.digest, body_digest=ident.body_digest,
         unverified_sender=unverified_sender, thread_reason=thread_reason,
         received_at=received_at or utcnow(), sent_at=utcnow() if direction == "out" else None)
-    try:
-        with session.begin_nested():
-            session.add(row)
-            session.flush()
-    except IntegrityError:  # stored meanwhile by another instance or thread
-        log.info("message already stored (concurrent copy); not stored twice")
+    table = StoredMessage.__table__  # type: ignore[attr-defined]
+    values = {c.name: getattr(row, c.name) for c in table.columns if c.name != "id"}
+    pk = insert_ignoring_conflicts(session, table, [values], returning=table.c.id).scalar()
+    if pk is None:  # the same raw bytes, or the same Message-ID and body, are stored already
+        log.info("message already stored; not stored twice")
         return None
-    pk = int(row.id or 0)
+    row.id = int(pk)
     ref_keys = list(dict.fromkeys(msgid_key(i) for i in [*refs, *irt]))
     if ref_keys:
         session.execute(MessageRef.__table__.insert(),  # type: ignore[attr-defined]
                         [{"message_pk": pk, "case_id": case_id, "ref_norm": k} for k in ref_keys])
-    for pos, (name, ctype, data) in enumerate(_attachments(msg)):
-        session.add(Attachment(
-            message_pk=pk, position=pos, content_type=ctype, size=len(data),
-            digest=hashlib.sha256(data).hexdigest(),
-            filename_sealed=sealer.seal(name.encode("utf-8", "replace"),
-                                        aad=filename_aad(ident.digest, pos))))
+    attachments = [{"message_pk": pk, "position": pos, "content_type": ctype, "size": len(data),
+                    "digest": hashlib.sha256(data).hexdigest(),
+                    "filename_sealed": sealer.seal(name.encode("utf-8", "replace"),
+                                                   aad=filename_aad(ident.digest, pos))}
+                   for pos, (name, ctype, data) in enumerate(_attachments(msg))]
+    if attachments:
+        session.execute(Attachment.__table__.insert(), attachments)  # type: ignore[attr-defined]
     if not unverified_sender:
         idx = index or SqlCaseIndex(session, hub_domain)
         roles = {a: idx.role_of(a, patient_email) for a in [sender, *rcpts]
                  if a and not a.lower().startswith(("case+", '"case+'))}
         add_participants(session, case_id, roles)
-    session.flush()
     return row
 
 

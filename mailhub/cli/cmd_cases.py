@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument("--language", default="en", help="the patient's language (default: en)")
     p.add_argument("--procedure", default="", help="the care plan's name")
     p.add_argument("--clinic", default="")
-    p.add_argument("--coordinator", default="", help="the coordinator's e-mail address")
+    p.add_argument("--coordinator", default="", help="the coordinator (e-mail address or name)")
     p.add_argument("--status", default="inquiry", help="initial status (default: inquiry)")
     add_json(p)
     p.set_defaults(func=cmd_open)
@@ -206,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"mailhub: warning: {result.path} holds the case file DECRYPTED (plaintext health "
           "information); keep it safe and delete it when the transfer is done", file=sys.stderr)
     if args.json:
-        print_json({"id": args.id, "path": str(result.path), "format": args.format,
+        print_json({"id": result.case_id, "path": str(result.path), "format": args.format,
                     "messages": result.messages, "size": result.size})
     else:
         print(f"wrote {result.messages} message(s) to {result.path} ({args.format})")

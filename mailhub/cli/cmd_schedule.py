@@ -9,6 +9,31 @@ from sqlmodel import Session, select
 
 from mailhub.cli.output import add_json, hub_from, print_json, print_table
 from mailhub.errors import MailhubError, NotFound
+from mailhub.scheduler.timecalc import local_iso
+from mailhub.store.models import ScheduleEntry
+
+
+def entry_json(row: ScheduleEntry) -> dict[str, Any]:
+    """One ledger row as ``schedule list --json`` (and ``cases show``) print it."""
+    return {"case": row.case_id, "step": row.step, "template": row.template,
+            "send_at_utc": row.send_at_utc.isoformat(),
+            "send_at_local": local_iso(row.send_at_utc, row.timezone),
+            "timezone": row.timezone, "status": row.status, "reason": row.reason,
+            "valid_until_utc": row.valid_until_utc.isoformat() if row.valid_until_utc else None,
+            "plan": row.plan, "plan_version": row.plan_version,
+            "template_version": row.template_version,
+            "queue_source_id": row.queue_source_id or None,
+            "sent_at": row.sent_at.isoformat() if row.sent_at else None}
+
+
+def schedule_list(session: Session, case_id: str | None = None) -> list[dict[str, Any]]:
+    """Ledger rows in send order, as JSON-ready dicts."""
+    stmt = select(ScheduleEntry)
+    if case_id is not None:
+        stmt = stmt.where(ScheduleEntry.case_id == case_id)
+    stmt = stmt.order_by(ScheduleEntry.send_at_utc, ScheduleEntry.case_id,  # type: ignore[arg-type]
+                         ScheduleEntry.id)
+    return [entry_json(r) for r in session.scalars(stmt)]
 
 
 def register(sub: Any) -> None:
@@ -40,7 +65,6 @@ def register(sub: Any) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mailhub.scheduler.ledger import schedule_list
     from mailhub.store.models import Case
 
     hub = hub_from(args)
@@ -82,7 +106,7 @@ def cmd_recompute(args: argparse.Namespace) -> int:
         if args.case:
             ids = [args.case]
         else:
-            ids = list(session.exec(select(Case.id).where(
+            ids = list(session.scalars(select(Case.id).where(
                 Case.status.not_in(TERMINAL_CASE_STATUSES))))  # type: ignore[attr-defined]
         for case_id in ids:
             r = reschedule_case(session, hub, case_id, actor="cli")
@@ -122,7 +146,7 @@ def _preview_context(session: Session, hub: Any, case_id: str, step_id: str
     except KeyError:
         raise NotFound(f"care plan {plan.name!r} has no step {step_id!r}",
                        hint=f"its steps: {', '.join(s.id for s in plan.steps)}") from None
-    row = session.exec(select(ScheduleEntry).where(ScheduleEntry.case_id == case_id,
+    row = session.scalars(select(ScheduleEntry).where(ScheduleEntry.case_id == case_id,
                                                    ScheduleEntry.step == step_id)).first()
     if row is not None:
         send_at, tz = row.send_at_utc, row.timezone

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, bindparam, insert, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -52,6 +52,40 @@ class Claimed:
     payload_id: int
 
 
+class Sealer(Protocol):
+    def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes: ...
+
+
+_INSERT_PAYLOAD = insert(Payload.__table__)  # type: ignore[attr-defined]
+_SEAL_PAYLOAD = (update(Payload.__table__)  # type: ignore[attr-defined]
+                 .where(Payload.__table__.c.id == bindparam("pid"))  # type: ignore[attr-defined]
+                 .values(sealed=bindparam("blob")))
+_T = OutboundItem.__table__  # type: ignore[attr-defined]
+_INSERT_ITEM = insert(_T)
+_EXISTING = select(_T.c.recipient).where(_T.c.source_id == bindparam("sid"))
+
+
+def insert_payload(session: Session, data: bytes, sealer: Sealer) -> int:
+    """Store ``data`` sealed, with its row id as associated data (a payload cannot be swapped
+    for another row's): insert to get the id, then seal."""
+    result = session.execute(_INSERT_PAYLOAD, {"sealed": b"", "created_at": utcnow()})
+    pid = int(result.inserted_primary_key[0])  # type: ignore[index]
+    session.execute(_SEAL_PAYLOAD, {"pid": pid, "blob": sealer.seal(data, str(pid).encode())})
+    return pid
+
+
+def insert_item(session: Session, **values: Any) -> int:
+    """One queue row (every column given: sqlmodel's defaults apply to ORM objects only)."""
+    now = utcnow()
+    row = {"status": "queued", "reason": "", "method": "", "relay": "smarthost", "kind": "mail",
+           "case_id": None, "payload_id": None, "require_tls": False, "attempts": 0,
+           "next_attempt_at": now, "sending_since": None, "created_at": now, "updated_at": now,
+           "trace": "", "message_id": "", "sender": ""}
+    row.update(values)
+    result = session.execute(_INSERT_ITEM, row)
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
 def add_payload(session: Session, sealed: bytes) -> int:
     payload = Payload(sealed=sealed)
     session.add(payload)
@@ -61,8 +95,7 @@ def add_payload(session: Session, sealed: bytes) -> int:
 
 
 def existing_recipients(session: Session, source_id: str) -> set[str]:
-    rows = session.exec(select(OutboundItem.recipient).where(OutboundItem.source_id == source_id))
-    return set(rows)
+    return set(session.execute(_EXISTING, {"sid": source_id}).scalars())
 
 
 class GroupCommit:
@@ -151,27 +184,25 @@ def claim_due_in(session: Session, limit: int, now: datetime | None = None,
                  stale_after: timedelta = timedelta(minutes=10)) -> list[Claimed]:
     """``claim_due`` inside the caller's transaction (the caller commits)."""
     now = now or utcnow()
+    t = _T
     query = (
-        select(OutboundItem)
-        .where(OutboundItem.status == "queued", OutboundItem.next_attempt_at <= now)
-        .where(or_(OutboundItem.sending_since.is_(None),  # type: ignore[union-attr]
-                   OutboundItem.sending_since < now - stale_after))
-        .order_by(OutboundItem.next_attempt_at, OutboundItem.id)
+        select(t.c.id, t.c.source_id, t.c.message_id, t.c.sender, t.c.recipient, t.c.relay,
+               t.c.kind, t.c.require_tls, t.c.attempts, t.c.created_at, t.c.payload_id)
+        .where(t.c.status == "queued", t.c.next_attempt_at <= now)
+        .where(or_(t.c.sending_since.is_(None), t.c.sending_since < now - stale_after))
+        .order_by(t.c.next_attempt_at, t.c.id)
         .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    rows = list(session.exec(query))
-    claimed = []
-    for row in rows:
-        row.sending_since = now
-        row.attempts += 1
-        session.add(row)
-        claimed.append(Claimed(row.id, row.source_id, row.message_id, row.sender,  # type: ignore[arg-type]
-                               row.recipient, row.relay, row.kind, row.require_tls,
-                               row.attempts, row.created_at, row.payload_id or 0))
-    session.flush()
-    return claimed
+    rows = session.execute(query).all()
+    if not rows:
+        return []
+    session.execute(update(t).where(t.c.id.in_([r.id for r in rows]))
+                    .values(sending_since=now, attempts=t.c.attempts + 1))
+    return [Claimed(r.id, r.source_id, r.message_id, r.sender, r.recipient, r.relay, r.kind,
+                    r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0)
+            for r in rows]
 
 
 def load_payloads(engine: Engine, ids: Iterable[int]) -> dict[int, bytes]:

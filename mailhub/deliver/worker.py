@@ -74,6 +74,8 @@ class DeliveryWorker:
         self._lock = threading.Lock()
         self._inflight = 0
         self._idle = threading.Condition()
+        self._sent: list[tuple[int, str]] = []  # sent, not yet recorded: one UPDATE for all
+        self._sent_flush_queued = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -107,6 +109,25 @@ class DeliveryWorker:
         else:
             self.commits.submit(fn).add_done_callback(_log_failed_write)
 
+    def _record_sent(self, item_id: int, reply: str) -> None:
+        """Queue the "sent" mark; all marks waiting when the commit thread gets to them go
+        into one UPDATE."""
+        if self.commits is None:
+            self._write(lambda s: queue.mark_sent_in(s, [item_id], reply), wait=True)
+            return
+        with self._idle:
+            self._sent.append((item_id, reply))
+            if self._sent_flush_queued:
+                return
+            self._sent_flush_queued = True
+        self.commits.submit(_SentFlush(self)).add_done_callback(_log_failed_write)
+
+    def take_sent(self) -> list[tuple[int, str]]:
+        with self._idle:
+            batch, self._sent = self._sent, []
+            self._sent_flush_queued = False
+        return batch
+
     def deliver_one(self, item: queue.Claimed, sealed: bytes) -> str:
         """Send one claimed row and record the outcome (blocking; runs in a worker thread)."""
         data = self.sealer.open(sealed, str(item.payload_id).encode())
@@ -117,7 +138,7 @@ class DeliveryWorker:
         outcome, next_at = next_step(result, attempts=item.attempts, created_at=item.created_at,
                                      now=now, cfg=self.cfg)
         if outcome == "sent":
-            self._write(lambda s: queue.mark_sent_in(s, [item.id], result.reply), wait=False)
+            self._record_sent(item.id, result.reply)
             log.info("sent queue_id=%s message_id=%s to=%s relay=%s", item.id, item.message_id,
                      item.recipient, item.relay)
             if self.on_sent:
@@ -208,6 +229,24 @@ class DeliveryWorker:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+class _SentFlush:
+    """A group-commit job that marks every pending sent row; rerun after a failed batch, it
+    marks the same rows again (it takes them once)."""
+
+    def __init__(self, worker: DeliveryWorker) -> None:
+        self.worker = worker
+        self.batch: list[tuple[int, str]] | None = None
+
+    def __call__(self, session: Session) -> None:
+        if self.batch is None:
+            self.batch = self.worker.take_sent()
+        by_reply: dict[str, list[int]] = {}
+        for item_id, reply in self.batch:
+            by_reply.setdefault(reply, []).append(item_id)
+        for reply, ids in by_reply.items():
+            queue.mark_sent_in(session, ids, reply)
 
 
 def _log_failed_write(fut: Future[object]) -> None:

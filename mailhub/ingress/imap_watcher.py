@@ -64,6 +64,9 @@ class FiledResult:
     filed_bytes: bytes | None = None  # e.g. decrypted, with Mailhub-Protection; None: the original
 
 
+# ingest(raw, origin): origin names the message as an RFC 5092 IMAP URL,
+# "imap://intake%40medvoyage.example@host:143/INBOX;UIDVALIDITY=7/;UID=42" (for the audit log).
+# It may raise (the message stays, retried later) and must be idempotent.
 IngestFn = Callable[[bytes, str], FiledResult | None]
 
 
@@ -128,7 +131,6 @@ class ImapWatcher:
     ) -> None:
         self.settings = settings
         self._ingest = ingest
-        self._clock = clock
         self._memo = RetryMemo(settings.retry_failed_initial, settings.retry_failed_max, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,7 +168,6 @@ class ImapWatcher:
             try:
                 self._pass(client, CaseFolders(client, self.settings.case_folder_prefix))
             finally:
-                self.idling.clear()
                 close_quietly(client)
             return WatchStats(**{k: getattr(self.stats, k) - getattr(before, k)
                                  for k in vars(before)})
@@ -195,8 +196,9 @@ class ImapWatcher:
                     break
                 delay = backoff.next()
                 self.stats.reconnects += 1
+                expected = isinstance(exc, OSError | EOFError | IMAPClientError | MailhubError)
                 log.warning("IMAP %s:%d: %s; reconnecting in %.1f s",
-                            s.host, s.port, exc, delay)
+                            s.host, s.port, exc, delay, exc_info=not expected)
                 self._stop.wait(delay)
             finally:
                 self.idling.clear()
@@ -205,15 +207,16 @@ class ImapWatcher:
     def _wait(self, client: IMAPClient) -> None:
         """Until something may have arrived: IDLE on the first watched folder, else sleep."""
         s = self.settings
-        if not client.has_capability("IDLE"):
+        opened = [f for f in s.watch if f in self._uidnext]  # those the last pass could open
+        if not opened or not client.has_capability("IDLE"):
             self._stop.wait(s.poll_interval)
             return
         limit = s.idle_renew if len(s.watch) == 1 else min(s.idle_renew, s.poll_interval)
         # Mail that arrived during the pass would never be announced by IDLE: UIDNEXT tells.
-        info = client.select_folder(s.watch[0], readonly=True)
-        if info.get(b"UIDNEXT") != self._uidnext.get(s.watch[0]):
+        info = client.select_folder(opened[0], readonly=True)
+        if info.get(b"UIDNEXT") != self._uidnext.get(opened[0]):
             return
-        for other in s.watch[1:]:
+        for other in opened[1:]:
             status = client.folder_status(other, [b"UIDNEXT"])
             if status.get(b"UIDNEXT") != self._uidnext.get(other):
                 return
@@ -259,6 +262,7 @@ class ImapWatcher:
             if isinstance(exc, IMAPClientAbortError):
                 raise
             log.warning("cannot open watched folder %r: %s (check [imap].watch)", folder, exc)
+            self._uidnext.pop(folder, None)
             return
         uidvalidity = _uidvalidity(info)
         self._uidnext[folder] = info.get(b"UIDNEXT")

@@ -18,7 +18,6 @@ from sqlmodel import Session
 from mailhub.deliver import queue
 from mailhub.outbound.notices import failure_dsn, hold_notice
 from mailhub.store import audit
-from mailhub.store.models import OutboundItem
 
 log = logging.getLogger("mailhub.queue")
 
@@ -41,16 +40,14 @@ class QueueWriter:
         self.hub = hub
 
     def _payload(self, session: Session, data: bytes) -> int:
-        pid = queue.add_payload(session, b"")
-        payload = session.get(queue.Payload, pid)
-        assert payload is not None
-        payload.sealed = self.hub.sealer.seal(data, str(pid).encode())
-        session.add(payload)
-        return pid
+        return queue.insert_payload(session, data, self.hub.sealer)
 
     def write(self, session: Session, *, source_id: str, message_id: str, sender: str,
               specs: list[RowSpec], case_id: str | None = None, actor: str = "outbound") -> int:
-        """Insert rows that do not exist yet; returns how many were written."""
+        """Insert rows that do not exist yet; returns how many were written.
+
+        Plain SQL inserts, not ORM objects: this runs for every recipient of every message.
+        """
         existing = queue.existing_recipients(session, source_id)
         payload_ids: dict[int, int] = {}
         written = 0
@@ -60,24 +57,23 @@ class QueueWriter:
             key = id(spec.data)
             if key not in payload_ids:
                 payload_ids[key] = self._payload(session, spec.data)
-            row = OutboundItem(source_id=source_id, message_id=message_id, sender=sender,
-                               recipient=spec.recipient, status=spec.status, reason=spec.reason,
-                               method=spec.method, relay=spec.relay, kind=spec.kind,
-                               case_id=case_id, payload_id=payload_ids[key],
-                               require_tls=spec.require_tls, trace=spec.trace)
-            session.add(row)
-            session.flush()
+            row_id = queue.insert_item(
+                session, source_id=source_id, message_id=message_id, sender=sender,
+                recipient=spec.recipient, status=spec.status, reason=spec.reason,
+                method=spec.method, relay=spec.relay, kind=spec.kind, case_id=case_id,
+                payload_id=payload_ids[key], require_tls=spec.require_tls, trace=spec.trace)
+            existing.add(spec.recipient)
             written += 1
             action = "held" if spec.status == "held" else (
                 "encrypted" if spec.method in ("openpgp", "smime") else "queued")
             audit.append(session, actor, action, message_id=message_id, case_id=case_id,
                          detail={"recipient": spec.recipient, "method": spec.method,
-                                 "queue_id": row.id, "reason": spec.reason[:300]})
+                                 "queue_id": row_id, "reason": spec.reason[:300]})
             if spec.status == "held" and spec.kind == "mail" and sender:
                 self.notice(session, hold_notice(
                     from_addr=self.hub.config.hub.postmaster_address,
                     from_name=self.hub.config.hub.display_name, sender=sender,
-                    recipient=spec.recipient, reason=spec.reason, queue_id=row.id or 0,
+                    recipient=spec.recipient, reason=spec.reason, queue_id=row_id,
                     original_id=message_id, domain=self.hub.domain),
                     source_id=f"{source_id}:held:{spec.recipient}", recipient=sender)
         return written

@@ -4,7 +4,8 @@ Waking: apscheduler 3 (``AsyncIOScheduler``) holds ONE 'date' job, re-armed afte
 min(next due step, now + ``[scheduler].check_interval``). Its misfire behaviour is explicit:
 ``misfire_grace_time=None`` (run however late; apscheduler's default would skip a job whose time
 passed, e.g. while the event loop was busy) and ``coalesce=True`` (runs that piled up collapse
-into one). None of that is what keeps care steps safe, though: the job only says "look now", and
+into one). Runs are serialised by a lock, not by apscheduler: ``max_instances=2`` so that the
+wake-up a finishing run arms is never skipped as "already running". None of that is what keeps care steps safe, though: the job only says "look now", and
 every wake-up runs ``run_due``, which scans the ledger. So whatever came due while the process
 was down is found at start-up: sent at once when still within its window, marked ``missed`` (and
 the coordinator told) when not. A light watcher also re-arms the job when another process
@@ -32,12 +33,15 @@ import pytz
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from mailhub.errors import MailhubError
 from mailhub.scheduler import ledger
 from mailhub.scheduler.ledger import STALE_CLAIM, Claim
 from mailhub.scheduler.sender import Outcome, Processor, StepSender
-from mailhub.store.models import utcnow
+from mailhub.store.models import OutboundItem, ScheduleEntry, utcnow
 
 log = logging.getLogger("mailhub.scheduler")
 
@@ -47,6 +51,56 @@ JOB_ID = "mailhub-scheduler-wake"
 def default_instance_id() -> str:
     """Unique per process: host, pid and a random suffix (a restarted pid is a new instance)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a pid owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_dead_claims(engine: Engine, host: str, alive: Callable[[int], bool]) -> int:
+    """At start-up: claims left by processes of this host that are gone are free at once
+    (instead of after STALE_CLAIM). Claim owners are "host:pid:random" (see the dispatcher)."""
+    with Session(engine) as session:
+        ledger.lock_writes(session)
+        stmt = select(ScheduleEntry).where(ScheduleEntry.status == "pending",  # index range
+                                           ScheduleEntry.claimed_by > "")
+        freed = 0
+        for row in session.scalars(stmt):
+            owner, _, rest = row.claimed_by.partition(":")
+            pid = rest.partition(":")[0]
+            if owner == host and pid.isdigit() and not alive(int(pid)):
+                log.warning("schedule row %s (case %s, step %s): %s is gone; claim released",
+                            row.id, row.case_id, row.step, row.claimed_by)
+                row.claimed_by, row.claimed_at = "", None
+                session.add(row)
+                freed += 1
+        session.commit()
+    return freed
+
+
+def sync_released(engine: Engine) -> int:
+    """Held steps whose queue copies were all released (queued or sent) since become sent."""
+    held = (select(OutboundItem.id).where(OutboundItem.source_id == ScheduleEntry.queue_source_id,
+                                          OutboundItem.kind == "mail",
+                                          OutboundItem.status.not_in(("queued", "sent")))  # type: ignore[attr-defined]
+            .exists())
+    has_rows = (select(OutboundItem.id).where(OutboundItem.source_id == ScheduleEntry.queue_source_id,
+                                              OutboundItem.kind == "mail").exists())
+    with Session(engine) as session:
+        result = session.execute(
+            update(ScheduleEntry)
+            .where(ScheduleEntry.status == "held", ScheduleEntry.queue_source_id != "",
+                   has_rows, ~held)
+            .values(status="sent", reason="released from hold", updated_at=utcnow()))
+        session.commit()
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -144,6 +198,9 @@ class Dispatcher:
         """Claim and handle everything due at ``now`` (default: the clock), batch by batch."""
         report = RunReport()
         sem = asyncio.Semaphore(self.concurrency)
+        released = await asyncio.to_thread(sync_released, self.hub.engine)
+        if released:
+            log.info("%d held step(s) were released from hold and count as sent", released)
         seen: set[int] = set()
         while True:
             at = now or utcnow()
@@ -198,7 +255,7 @@ class Dispatcher:
         self._armed_at = when
         self._scheduler.add_job(self._fire, trigger=DateTrigger(run_date=when, timezone=pytz.utc),
                                 id=JOB_ID, replace_existing=True, misfire_grace_time=None,
-                                coalesce=True, max_instances=1)
+                                coalesce=True, max_instances=2)
 
     async def _arm_next(self) -> None:
         now = utcnow()
@@ -228,9 +285,17 @@ class Dispatcher:
         if self._loop is not None and self._scheduler is not None:
             self._loop.call_soon_threadsafe(self._arm, utcnow())
 
+    def armed_job(self) -> Any:
+        """The apscheduler job of the next wake-up (None when not serving): for diagnostics."""
+        return self._scheduler.get_job(JOB_ID) if self._scheduler is not None else None
+
     async def _watch(self) -> None:
-        """Re-arm when another process put a step before the armed wake-up."""
+        """Re-arm when another process put a step before the armed wake-up, or when no wake-up
+        is armed at all (a safety net: nothing should ever leave the dispatcher asleep)."""
         if self._lock is None or self._lock.locked():
+            return
+        if self.armed_job() is None:
+            self._arm(utcnow())
             return
         try:
             due = await asyncio.to_thread(ledger.next_due, self.hub.engine)
@@ -255,6 +320,11 @@ class Dispatcher:
         except Exception:
             log.warning("scheduler warm-up failed; the first step will do it", exc_info=True)
         started = time.monotonic()
+        try:
+            await asyncio.to_thread(release_dead_claims, self.hub.engine,
+                                    self.instance_id.split(":")[0], pid_alive)
+        except Exception:
+            log.warning("could not release claims of stopped processes", exc_info=True)
         self._scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=pytz.utc)
         self._scheduler.start()
         await self._fire()  # start-up: everything that came due while we were down

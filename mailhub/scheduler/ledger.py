@@ -27,12 +27,12 @@ from typing import Any, Literal
 
 from sqlalchemy import func, or_, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
 from mailhub.errors import MailhubError, NotFound, RuleError
 from mailhub.scheduler.plans import CarePlan, load_care_plans
 from mailhub.scheduler.steps import CaseTimes, PlannedStep, classify_due, compute_schedule
-from mailhub.scheduler.timecalc import local_iso
 from mailhub.store import audit
 from mailhub.store.models import Case, Patient, ScheduleEntry, utcnow
 
@@ -198,14 +198,14 @@ class RescheduleResult:
         return bool(self.inserted or self.updated or self.deleted or self.cancelled)
 
 
-def _lock_case_rows(session: Session, case_id: str) -> list[ScheduleEntry]:
+def _lock_case_rows(session: OrmSession, case_id: str) -> list[ScheduleEntry]:
     """The case's rows, locked against a concurrent claim/send for this transaction."""
     if session.get_bind().dialect.name == "sqlite":
         # take the write lock before reading, so what we read is what we overwrite
         session.execute(text("UPDATE schedule SET id = id WHERE case_id = :c"), {"c": case_id})
     stmt = (select(ScheduleEntry).where(ScheduleEntry.case_id == case_id)
             .with_for_update().execution_options(populate_existing=True))
-    return list(session.exec(stmt))
+    return list(session.scalars(stmt))
 
 
 def _existing(row: ScheduleEntry) -> Existing:
@@ -220,7 +220,7 @@ def _apply(row: ScheduleEntry, p: PlannedStep, plan: CarePlan, now: datetime) ->
     row.updated_at = now
 
 
-def reschedule_case(session: Session, hub: Any, case_id: str, *,
+def reschedule_case(session: OrmSession, hub: Any, case_id: str, *,
                     plans: Mapping[str, CarePlan] | None = None,
                     now: datetime | None = None, actor: str = "scheduler") -> RescheduleResult:
     """Recompute every not-yet-sent step of a case, in the caller's transaction (no commit).
@@ -299,7 +299,7 @@ class Claim:
     action: Literal["send", "missed", "finish"]
 
 
-def _lock_writes(session: Session) -> None:
+def lock_writes(session: OrmSession) -> None:
     if session.get_bind().dialect.name == "sqlite":
         session.execute(text("UPDATE schedule SET id = id WHERE id = -1"))  # the write lock
 
@@ -321,7 +321,7 @@ def claim_due(engine: Engine, now: datetime, instance_id: str, limit: int = 100,
     """
     stamp = utcnow()
     with Session(engine, expire_on_commit=False) as session:
-        _lock_writes(session)
+        lock_writes(session)
         stmt = (select(ScheduleEntry)
                 .where(ScheduleEntry.status == "pending", ScheduleEntry.send_at_utc <= now)
                 .where(or_(ScheduleEntry.claimed_at.is_(None),  # type: ignore[union-attr]
@@ -331,7 +331,7 @@ def claim_due(engine: Engine, now: datetime, instance_id: str, limit: int = 100,
         if engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
         claims = []
-        for row in session.exec(stmt):
+        for row in session.scalars(stmt):
             if row.claimed_by:
                 log.warning("schedule row %s (case %s, step %s): taking over a stale claim by "
                             "%s", row.id, row.case_id, row.step, row.claimed_by)
@@ -344,12 +344,12 @@ def claim_due(engine: Engine, now: datetime, instance_id: str, limit: int = 100,
     return claims
 
 
-def lock_claimed(session: Session, claim: Claim) -> ScheduleEntry | None:
+def lock_claimed(session: OrmSession, claim: Claim) -> ScheduleEntry | None:
     """The row, locked for this transaction, if it is still ours and still pending."""
-    _lock_writes(session)
+    lock_writes(session)
     stmt = (select(ScheduleEntry).where(ScheduleEntry.id == claim.id).with_for_update()
             .execution_options(populate_existing=True))
-    row = session.exec(stmt).first()
+    row = session.scalars(stmt).first()
     if (row is None or row.status != "pending" or row.claimed_by != claim.claimed_by
             or row.claimed_at != claim.claimed_at):
         return None
@@ -369,14 +369,14 @@ def release(engine: Engine, claim: Claim) -> None:
 def next_due(engine: Engine) -> datetime | None:
     """When the earliest unclaimed pending row is due (an index lookup, cheap at any size)."""
     with Session(engine) as session:
-        return session.exec(select(func.min(ScheduleEntry.send_at_utc)).where(
-            ScheduleEntry.status == "pending", ScheduleEntry.claimed_by == "")).first()
+        return session.scalar(select(func.min(ScheduleEntry.send_at_utc)).where(
+            ScheduleEntry.status == "pending", ScheduleEntry.claimed_by == ""))
 
 
 # ---------------------------------------------------------------- lookups for other modules
 
 
-def consent_for(session: Session, address: str) -> bool:
+def consent_for(session: OrmSession, address: str) -> bool:
     """True when a patient with this address recorded consent to plain email on an open case.
 
     For the outbound policy's ``RecipientContext.consent_plain_email``.
@@ -386,27 +386,4 @@ def consent_for(session: Session, address: str) -> bool:
         return False
     stmt = (select(Case).join(Patient, Case.patient_id == Patient.id)  # type: ignore[arg-type]
             .where(func.lower(Patient.email) == addr, Case.consent_plain_email == True))  # noqa: E712
-    return any(case_open(c) for c in session.exec(stmt))
-
-
-def entry_json(row: ScheduleEntry) -> dict[str, Any]:
-    """One ledger row as ``schedule list --json`` (and ``cases show``) print it."""
-    return {"case": row.case_id, "step": row.step, "template": row.template,
-            "send_at_utc": row.send_at_utc.isoformat(),
-            "send_at_local": local_iso(row.send_at_utc, row.timezone),
-            "timezone": row.timezone, "status": row.status, "reason": row.reason,
-            "valid_until_utc": row.valid_until_utc.isoformat() if row.valid_until_utc else None,
-            "plan": row.plan, "plan_version": row.plan_version,
-            "template_version": row.template_version,
-            "queue_source_id": row.queue_source_id or None,
-            "sent_at": row.sent_at.isoformat() if row.sent_at else None}
-
-
-def schedule_list(session: Session, case_id: str | None = None) -> list[dict[str, Any]]:
-    """Ledger rows in send order, as JSON-ready dicts."""
-    stmt = select(ScheduleEntry)
-    if case_id is not None:
-        stmt = stmt.where(ScheduleEntry.case_id == case_id)
-    stmt = stmt.order_by(ScheduleEntry.send_at_utc, ScheduleEntry.case_id,  # type: ignore[arg-type]
-                         ScheduleEntry.id)
-    return [entry_json(r) for r in session.exec(stmt)]
+    return any(case_open(c) for c in session.scalars(stmt))

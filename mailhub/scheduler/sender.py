@@ -14,6 +14,7 @@ submission; the ledger row ends ``sent``, or ``held`` when the policy held the p
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from sqlmodel import Session, select
 
-from mailhub.errors import MailhubError, TemplateError
+from mailhub.errors import MailhubError
 from mailhub.outbound.queueing import QueueWriter
 from mailhub.outbound.render import TemplateRenderer, build_mime
 from mailhub.scheduler import ledger
@@ -108,7 +109,7 @@ def coordinator_address(session: Session, case: Case) -> tuple[str, str]:
     name, addr = parseaddr(case.coordinator or "")
     if "@" not in addr:
         name = name or (case.coordinator or "").strip()
-        part = session.exec(select(Participant).where(
+        part = session.scalars(select(Participant).where(
             Participant.case_id == case.id, Participant.role == "coordinator")).first()
         addr = part.address if part is not None else ""
     return name, addr.strip()
@@ -200,7 +201,7 @@ class StepSender:
 
     def queue_rows(self, sid: str) -> list[OutboundItem]:
         with Session(self.hub.engine) as session:
-            return list(session.exec(select(OutboundItem).where(
+            return list(session.scalars(select(OutboundItem).where(
                 OutboundItem.source_id == sid, OutboundItem.kind == "mail")))
 
     def record(self, claim: Claim, sid: str) -> Outcome:
@@ -266,8 +267,7 @@ class StepSender:
     # ---- one step, start to end
 
     async def send(self, claim: Claim, now: datetime) -> Outcome:
-        import asyncio
-
+        """Handle one claimed step; exceptions other than MailhubError leave the claim to expire."""
         if claim.action == "missed":
             return await asyncio.to_thread(self.miss, claim)
         sid = spool_id_for(claim.id)
@@ -277,7 +277,7 @@ class StepSender:
         if not (claim.action == "finish" and local):
             try:
                 msg = await asyncio.to_thread(self.build, claim)
-            except (TemplateError, ledger.SchedulingError) as exc:
+            except MailhubError as exc:  # template, zone or case data: held, with the reason
                 return await asyncio.to_thread(self.hold, claim, str(exc))
             spooled = await asyncio.to_thread(self.spool, claim, msg, now)
             if spooled is None:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +56,50 @@ def new_spool_id() -> str:
     return f"{time.time_ns():x}-{secrets.token_hex(5)}"
 
 
-def durable_write(path: Path, data: bytes) -> None:
+def fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class DirSync:
+    """Makes renames in one directory durable, one fsync for every rename made before it began.
+
+    Concurrent sessions each rename a file into place and then need the directory synced; a
+    caller waits for a sync that *started* after its rename (the one running may have missed
+    it), and whoever finds none running starts one for everybody waiting.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._started + 1
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                generation = self._started
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._done = max(self._done, generation)
+
+
+def durable_write(path: Path, data: bytes, dir_sync: DirSync | None = None) -> None:
     """Write atomically and durably: temp file, fsync, rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -68,11 +112,10 @@ def durable_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    if dir_sync is not None:
+        dir_sync.sync()
+    else:
+        fsync_dir(path.parent)
 
 
 class Spool:
@@ -81,8 +124,10 @@ class Spool:
     def __init__(self, root: Path, sealer: Sealer) -> None:
         self.root = Path(root)
         self.sealer = sealer
+        self._dir_syncs: dict[str, DirSync] = {}
         for name in LISTENERS:
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._dir_syncs[name] = DirSync(self.root / name)
 
     def _path(self, listener: str, spool_id: str) -> Path:
         if listener not in LISTENERS or not spool_id.replace("-", "").isalnum():
@@ -95,7 +140,8 @@ class Spool:
         header = json.dumps(asdict(envelope), separators=(",", ":")).encode()
         blob = struct.pack(">I", len(header)) + header + content
         try:
-            durable_write(self._path(envelope.listener, sid), self.sealer.seal(blob, sid.encode()))
+            durable_write(self._path(envelope.listener, sid), self.sealer.seal(blob, sid.encode()),
+                          self._dir_syncs[envelope.listener])
         except OSError as exc:
             raise StoreError(f"cannot write to the spool: {exc.strerror}",
                              hint=f"check free space and permissions of {self.root}") from exc

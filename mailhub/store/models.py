@@ -222,7 +222,9 @@ class ScheduleEntry(SQLModel, table=True):
     __tablename__ = "schedule"
     __table_args__ = (
         UniqueConstraint("case_id", "step", name="uq_schedule_case_step"),
-        Index("ix_schedule_due", "status", "send_at_utc"),
+        Index("ix_schedule_due", "status", "send_at_utc"),  # claiming due rows
+        Index("ix_schedule_next", "status", "claimed_by", "send_at_utc"),  # the next wake-up
+        {"sqlite_autoincrement": True},  # ids are never reused: spool ids derive from them
     )
     id: int | None = Field(default=None, primary_key=True)
     case_id: str = Field(foreign_key="cases.id", index=True)

@@ -12,7 +12,13 @@ from mailhub.app import Hub
 from mailhub.cases.export import list_cases, show_case
 from mailhub.cases.filing import file_inbound
 from mailhub.cases.service import CaseInputError, merge_cases, open_case, set_fields
-from mailhub.cases.store import file_message
+from mailhub.cases.store import (
+    file_message,
+    identify,
+    message_aad,
+    parse_message,
+    subject_aad,
+)
 from mailhub.errors import NotFound
 from mailhub.store import audit
 from mailhub.store.models import Case, Participant, Patient, ScheduleEntry, StoredMessage
@@ -212,20 +218,44 @@ def test_list_filters(hub: Hub) -> None:
         _list(hub, status="nope")
 
 
+def _bulk_chain(hub: Hub, cid: str, n: int) -> None:
+    """A reply chain of ``n`` messages, stored NEWEST first (received order is not thread
+    order): the first through ``file_message``, the rest as the same sealed rows in one
+    executemany (filing itself is tested elsewhere; this keeps the test fast on PostgreSQL)."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    raws, prev = [], []
+    for i in range(n):
+        mid = f"<c{i}@chain.example>"
+        raws.append(mail(msgid=mid, frm=PATIENT if i % 2 else CLINIC, subject=f"Re: step {i}",
+                         irt=prev[-1:], refs=prev[-5:], body=f"message {i}"))
+        prev.append(mid)
+    with session(hub) as s:
+        assert file_message(s, hub.sealer, raw=raws[0], direction="in", case_id=cid,
+                            hub_domain="medvoyage.example", received_at=start) is not None
+        rows = []
+        for i, raw in enumerate(raws[1:], start=1):
+            ident = identify(parse_message(raw), raw, "medvoyage.example")
+            rows.append({
+                "case_id": cid, "message_id": ident.message_id, "message_id_norm": ident.key,
+                "message_id_assigned": False, "in_reply_to": prev[i - 1],
+                "references": " ".join(prev[max(0, i - 5):i]), "direction": "in",
+                "from_addr": PATIENT if i % 2 else CLINIC,
+                "to_addrs": '["intake@medvoyage.example"]',
+                "subject_sealed": hub.sealer.seal(f"Re: step {i}".encode(),
+                                                  aad=subject_aad(ident.digest)),
+                "body_sealed": hub.sealer.seal(raw, aad=message_aad(ident.digest)),
+                "encryption": "none", "signature": "none", "signer": "", "size": len(raw),
+                "digest": ident.digest, "body_digest": ident.body_digest,
+                "unverified_sender": False, "thread_reason": "references", "trace": "",
+                "received_at": start - timedelta(minutes=i), "sent_at": None})
+        s.execute(StoredMessage.__table__.insert(), rows)  # type: ignore[attr-defined]
+        s.commit()
+
+
 def test_show_a_thousand_message_case_in_thread_order(hub: Hub) -> None:
     cid = _open(hub)
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    _bulk_chain(hub, cid, 1000)
     with session(hub) as s:
-        prev: list[str] = []
-        for i in range(1000):
-            mid = f"<c{i}@chain.example>"
-            raw = mail(msgid=mid, frm=PATIENT if i % 2 else CLINIC, subject=f"Re: step {i}",
-                       irt=prev[-1:], refs=prev[-5:], body=f"message {i}")
-            # stored newest first, so received order is not thread order
-            assert file_message(s, hub.sealer, raw=raw, direction="in", case_id=cid,
-                                hub_domain="medvoyage.example",
-                                received_at=start - timedelta(minutes=i)) is not None
-            prev.append(mid)
         s.add(ScheduleEntry(case_id=cid, step="day-1", template="follow-up", timezone=
                             "America/Chicago", send_at_utc=datetime(2026, 12, 4, 15, tzinfo=UTC)))
         s.commit()
@@ -251,3 +281,49 @@ def test_unknown_case(hub: Hub) -> None:
         for bad in ("MT-2026-9999", "nonsense", ""):
             with pytest.raises(NotFound):
                 show_case(s, hub.sealer, bad)
+
+
+def test_set_reschedules_the_care_plan(hub: Hub) -> None:
+    cid = _open(hub)  # hip-replacement, home zone America/Chicago
+    r = _set(hub, cid, "procedure_at=2030-12-03T08:00", "procedure_tz=Europe/Istanbul")
+    assert r.schedule_error is None
+    with session(hub) as s:
+        rows = {row["step"]: row for row in show_case(s, hub.sealer, cid)["schedule"]}
+    # -14 days at 09:00 in the home zone, from the procedure's date THERE (Dec 2, 23:00)
+    prep = rows["prep-guide"]
+    assert (prep["send_at_local"], prep["timezone"], prep["status"]) == (
+        "2030-11-18T09:00:00-06:00", "America/Chicago", "pending")
+    assert prep["send_at_utc"] == "2030-11-18T15:00:00+00:00"
+    assert rows["fasting-instructions"]["send_at_local"] == "2030-12-02T18:00:00+03:00"
+    # moving the procedure moves its steps; closing the case cancels what is pending
+    _set(hub, cid, "procedure_at=2030-12-10T08:00")
+    with session(hub) as s:
+        moved = {row["step"]: row for row in show_case(s, hub.sealer, cid)["schedule"]}
+    assert moved["prep-guide"]["send_at_local"] == "2030-11-25T09:00:00-06:00"
+    _set(hub, cid, "status=closed")
+    with session(hub) as s:
+        statuses = {row["status"] for row in show_case(s, hub.sealer, cid)["schedule"]}
+    assert statuses <= {"cancelled"} and statuses
+
+
+def test_a_schedule_problem_is_reported_and_the_change_stands(hub: Hub) -> None:
+    cid = _open(hub, procedure="no-such-plan")
+    r = _set(hub, cid, "procedure_at=2030-12-03T08:00", "procedure_tz=Europe/Istanbul")
+    assert r.schedule_error is not None and "no-such-plan" in r.schedule_error
+    assert _case(hub, cid).procedure_tz == "Europe/Istanbul"
+    with session(hub) as s:
+        assert show_case(s, hub.sealer, cid)["schedule"] == []
+        assert audit.verify(s).ok
+
+
+def test_coordinator_may_be_a_name_or_an_address(hub: Hub) -> None:
+    named = _open(hub, coordinator="Lena Koch")
+    assert _case(hub, named).coordinator == "Lena Koch"
+    with session(hub) as s, pytest.raises(CaseInputError):
+        open_case(s, patient_name="A", patient_email=PATIENT, timezone="UTC", language="en",
+                  procedure="", clinic="", coordinator="lena@", actor=ACTOR)
+    _set(hub, named, "coordinator=Lena@MedVoyage.example")
+    with session(hub) as s:
+        roles = dict(s.execute(select(Participant.address, Participant.role)
+                               .where(Participant.case_id == named)).all())
+    assert roles["Lena@medvoyage.example"] == "coordinator"

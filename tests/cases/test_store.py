@@ -218,3 +218,64 @@ def test_attachment_metadata_and_audit(hub: Hub) -> None:
         assert detail["reason"] == "new-case" and detail["direction"] == "in"
         assert entries[1].message_id == "<att@clinic-a.example>"
         assert audit.verify(s).ok
+
+
+def test_two_copies_filed_at_once_make_one_message_and_one_case(hub: Hub) -> None:
+    """The same first contact arriving by SMTP and by IMAP at the same moment."""
+    raw = mail(msgid="<race@newcomer.example>", frm="newcomer@newcomer.example", name="New")
+    results = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def worker() -> None:
+        try:
+            start.wait()
+            results.append(_in(hub, raw))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(r.duplicate for r in results) == [False, True]
+    assert results[0].case_id == results[1].case_id
+    assert _count(hub, StoredMessage) == 1
+    from mailhub.store.models import Case
+
+    assert _count(hub, Case) == 1
+    with session(hub) as s:
+        assert audit.verify(s).ok
+        assert [e.action for e in audit.iter_entries(s)] == ["case-opened", "filed"]
+
+
+def test_a_copy_filed_while_the_first_is_uncommitted(hub: Hub) -> None:
+    """The second copy waits for the first transaction and then files nothing new."""
+    raw = mail(msgid="<slow@newcomer.example>", frm="newcomer@newcomer.example", name="New")
+    first = session(hub)
+    a = file_inbound(first, hub, raw)  # not committed yet: holds the write locks
+    results = []
+    t = threading.Thread(target=lambda: results.append(_in(hub, raw)))
+    t.start()
+    t.join(0.5)  # gives the second copy time to reach the locks (outcome is the same anyway)
+    first.commit()
+    first.close()
+    t.join()
+    (b,) = results
+    assert not a.duplicate and b.duplicate and b.case_id == a.case_id
+    from mailhub.store.models import Case
+
+    assert _count(hub, Case) == 1 and _count(hub, StoredMessage) == 1
+    with session(hub) as s:
+        assert [e.action for e in audit.iter_entries(s)] == ["case-opened", "filed"]
+
+
+def test_message_id_is_kept_as_written(hub: Hub) -> None:
+    r = _in(hub, mail(msgid='(a comment) <"ab.c"@Host.example> trailing'))
+    with session(hub) as s:
+        row = s.get(StoredMessage, r.message_pk)
+        assert row is not None
+        assert (row.message_id, row.message_id_norm) == ('<"ab.c"@Host.example>',
+                                                         "<ab.c@Host.example>")

@@ -13,23 +13,15 @@ from tests.ingress.imap_support import MemoryHub
 @pytest.fixture
 def dovecot() -> Iterator[Dovecot]:
     """A running private Dovecot (default maildir separator ".")."""
-    server = Dovecot()
-    server.start()
-    try:
+    with Dovecot() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
 def dovecot_slash() -> Iterator[Dovecot]:
     """A private Dovecot whose namespace uses "/" as hierarchy separator."""
-    server = Dovecot(separator="/")
-    server.start()
-    try:
+    with Dovecot(separator="/") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ dovecot-imapd`` is needed on the machine.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import pwd
 import re
@@ -22,8 +21,9 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from tests.ingress.tls_material import make_tls_cert
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 START_TIMEOUT = 15.0
@@ -41,7 +41,11 @@ class ImapUser:
 
 def dovecot_version(binary: str = DOVECOT) -> tuple[int, int]:
     """Major and minor version of the installed Dovecot, to pick the config dialect."""
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise DovecotError(f"cannot run {binary} ({exc}): apt-get install dovecot-imapd") from exc
     m = re.match(r"\s*(\d+)\.(\d+)", out)
     if not m:
         raise DovecotError(f"cannot read the Dovecot version from {out!r}")
@@ -188,9 +192,9 @@ class Dovecot:
     """One private Dovecot instance; ``start()``, ``restart()`` and ``stop()`` for the tests.
 
     ``separator`` forces the namespace's hierarchy separator (None keeps Dovecot's default for
-    maildir, which is "."); ``tls`` turns on STARTTLS with a
-    certificate made here (``ca_file`` is the file a client trusts);
-    ``capability`` overrides the advertised IMAP capabilities (e.g. to hide IDLE).
+    maildir, which is "."); ``tls`` turns on STARTTLS with a certificate made here (``ca_file``
+    is the file a client trusts); ``capability`` overrides the advertised IMAP capabilities
+    (e.g. to hide IDLE and UIDPLUS).
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class Dovecot:
         capability: str | None = None,
         users: tuple[str, ...] = ("intake@medvoyage.example", "coordinator@medvoyage.example"),
     ) -> None:
+        self.version = dovecot_version()
         self.dir = Path(tempfile.mkdtemp(prefix="mhdc", dir="/tmp"))
         self.host = "127.0.0.1"
         self.port = free_port()
@@ -209,7 +214,6 @@ class Dovecot:
         self._capability = capability
         self._tls = make_tls_cert(self.dir / "tls") if tls else None
         self._proc: subprocess.Popen[bytes] | None = None
-        self.version = dovecot_version()
         self._write_files()
 
     # -- what tests read ---------------------------------------------------------------------
@@ -341,6 +345,11 @@ class Dovecot:
             proc.wait(timeout=10)  # reap it: a zombie's pid would look like a running master
         except subprocess.TimeoutExpired:
             pass
+        # SIGKILL is delivered asynchronously: a helper still holding a socket would make the
+        # next start fail with "already running".
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.02)
         (self.dir / "run" / "master.pid").unlink(missing_ok=True)
         if proc.stdout:
             proc.stdout.close()
@@ -359,7 +368,11 @@ class Dovecot:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Dovecot:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -367,34 +380,13 @@ class Dovecot:
 
 
 
-def make_tls_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A fresh self-signed certificate and key for ``host`` (an IP SAN), PEM files in directory.
-
-    Generated per test run: no private key is ever committed.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "imap-cert.pem", directory / "imap-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    os.chmod(key_path, 0o600)
-    return cert_path, key_path
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of this process group remains (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailhub.ingress.imap_watcher import ImapWatcher
+from mailhub.ingress.imap_watcher import ImapConnectError, ImapWatcher, file_copy
 from tests.ingress.dovecot import Dovecot
 from tests.ingress.imap_support import (
     PROTECTION,
@@ -168,3 +168,25 @@ def test_stop_ends_the_thread_and_logs_out(
     watcher.stop(timeout=10)
     assert not watcher.running
     wait_until(lambda: "Logged out" in dovecot.log_text, what="a clean IMAP logout")
+
+
+def test_starttls_watcher_files_a_copy_and_wakes_from_idle(
+        memory_hub: MemoryHub, watchers: list[ImapWatcher]) -> None:
+    with Dovecot(tls=True) as server:
+        settings = settings_for(server, tls="starttls", ca_file=server.ca_file)
+        sent = make_message(CASE, PATIENT, "sent over smtp")
+        file_copy(settings, CASE, PATIENT, sent)
+        # Without the certificate in the trust store the connection is refused, not downgraded.
+        with pytest.raises(ImapConnectError, match="STARTTLS with IMAP server .*certificate"):
+            file_copy(settings_for(server, tls="starttls"), CASE, PATIENT, sent)
+
+        watcher = ImapWatcher(settings, memory_hub.ingest)
+        watchers.append(watcher)
+        watcher.start()
+        wait_until(watcher.idling.is_set, what="the watcher to enter IDLE over TLS")
+        received = make_message(CASE, PATIENT, "received")
+        drop(server, received)
+        folder = f"Cases{server.separator}{CASE} {PATIENT}"
+        wait_until(lambda: len(folder_bodies(server, folder)) == 2, what="the IDLE delivery")
+        assert sorted(folder_bodies(server, folder)) == sorted([sent, PROTECTION + received])
+        assert watcher.stats.reconnects == 0

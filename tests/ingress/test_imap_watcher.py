@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mailhub.cases.imap_folders import to_crlf
+from mailhub.config import ImapConfig
 from mailhub.ingress.imap_watcher import (
     UNFILED_KEYWORD,
     Backoff,
     ImapConnectError,
+    ImapSettings,
     ImapWatcher,
     RetryMemo,
     file_copy,
@@ -183,23 +187,12 @@ def test_several_watched_folders(dovecot: Dovecot, memory_hub: MemoryHub) -> Non
     c.logout()
     drop(dovecot, make_message("MT-2026-0042", "Jan Novak", "inbox"))
     drop(dovecot, make_message("MT-2026-0042", "Jan Novak", "clinics"), folder="Clinics")
-    stats = ImapWatcher(settings_for(dovecot, watch=("INBOX", "Clinics")),
+    # A watched folder that does not exist is reported and skipped; the others still work.
+    stats = ImapWatcher(settings_for(dovecot, watch=("Missing", "INBOX", "Clinics")),
                         memory_hub.ingest).run_once()
     assert stats.filed == 2
     assert folder_bodies(dovecot, "Clinics") == []
     assert any("/Clinics;UIDVALIDITY=" in o for o in memory_hub.origins)
-
-
-def test_starttls_with_a_generated_certificate(memory_hub: MemoryHub) -> None:
-    with Dovecot(tls=True) as server:
-        drop_tls = make_message("MT-2026-0042", "Jan Novak", "tls")
-        settings = settings_for(server, tls="starttls", ca_file=server.ca_file)
-        file_copy(settings, "MT-2026-0042", "Jan Novak", drop_tls)
-        assert folder_bodies(server, f"Cases{server.separator}MT-2026-0042 Jan Novak") == [
-            drop_tls]
-        # Without the certificate in the trust store the connection is refused, not downgraded.
-        with pytest.raises(ImapConnectError, match="STARTTLS with IMAP server .*certificate"):
-            file_copy(settings_for(server, tls="starttls"), "MT-1", "X", drop_tls)
 
 
 def test_connection_errors_say_what_to_check(dovecot: Dovecot) -> None:
@@ -211,3 +204,26 @@ def test_connection_errors_say_what_to_check(dovecot: Dovecot) -> None:
     dovecot.stop(graceful=False)
     with pytest.raises(ImapConnectError, match=f"127.0.0.1:{port}"):
         file_copy(settings_for(dovecot), "MT-1", "X", b"Subject: x\r\n\r\n")
+
+
+def test_settings_from_the_imap_config_section(tmp_path: Path, dovecot: Dovecot) -> None:
+    pw = tmp_path / "imap.password"
+    pw.write_text(dovecot.password + "\n")
+    cfg = ImapConfig(host=dovecot.host, port=dovecot.port, tls="off",
+                     username=dovecot.username, password_file=pw, watch=("INBOX",),
+                     case_folder_prefix="Akten", poll_interval=45)
+    settings = ImapSettings.from_config(cfg, timeout=5.0)
+    assert (settings.password, settings.poll_interval, settings.timeout) == (
+        dovecot.password, 45.0, 5.0)
+    assert dovecot.password not in repr(settings)
+    folder = file_copy(settings, "MT-2026-0042", "Jan Novak", b"Subject: x\r\n\r\nhi\r\n")
+    assert folder == f"Akten{dovecot.separator}MT-2026-0042 Jan Novak"
+
+
+def test_each_user_has_a_mailbox_of_its_own(dovecot: Dovecot, memory_hub: MemoryHub) -> None:
+    other = dovecot.users[1]
+    raw = make_message("MT-2026-0042", "Jan Novak", "to the coordinator")
+    drop(dovecot, raw)
+    coordinator = settings_for(dovecot, username=other.username, password=other.password)
+    assert ImapWatcher(coordinator, memory_hub.ingest).run_once().ingested == 0
+    assert folder_bodies(dovecot, "INBOX") == [raw]  # the intake mailbox is untouched

@@ -5,6 +5,7 @@ apscheduler-driven service loop."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -198,6 +199,12 @@ anchor = "procedure"
 offset = "0"
 valid_for = "1h"
 [[step]]
+id = "stalled"
+template = "wound-care"
+anchor = "procedure"
+offset = "+2s"
+valid_for = "1h"
+[[step]]
 id = "later"
 template = "follow-up-day-7"
 anchor = "procedure"
@@ -211,21 +218,74 @@ offset = "+1h"
         reschedule_case(session, hub, case.id)
         session.commit()
 
-    async def scenario() -> dict[str, str]:
+    async def until_handled(step: str) -> None:
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            if rows(hub)[step].status != "pending":
+                return
+
+    async def scenario() -> tuple[dict[str, str], object]:
         stop = asyncio.Event()
         dispatcher = Dispatcher(hub, "svc", poll_interval=0.2)
         task = asyncio.create_task(dispatcher.run(stop))
-        for _ in range(300):
-            await asyncio.sleep(0.1)
-            if rows(hub)["soon"].status != "pending":
-                break
+        await dispatcher.ready.wait()
+        job = dispatcher.armed_job()
+        await until_handled("soon")
+        # the event loop stalls past "stalled"'s due time (apscheduler's default grace is 1 s)
+        time.sleep(max(0.0, (rows(hub)["stalled"].send_at_utc - utcnow()).total_seconds()) + 2.5)
+        await until_handled("stalled")
         stop.set()
         await asyncio.wait_for(task, 30)
-        return {s: r.status for s, r in rows(hub).items()}
+        return {s: r.status for s, r in rows(hub).items()}, job
 
-    statuses = asyncio.run(scenario())
-    assert statuses == {"late": "missed", "recent": "held", "soon": "held", "later": "pending"}
-    soon = rows(hub)["soon"]
-    assert soon.sent_at is not None and soon.sent_at >= soon.send_at_utc  # never early
-    for step in ("recent", "soon"):
+    statuses, job = asyncio.run(scenario())
+    assert statuses == {"late": "missed", "recent": "held", "soon": "held", "stalled": "held",
+                        "later": "pending"}
+    assert job.misfire_grace_time is None and job.coalesce is True  # type: ignore[attr-defined]
+    for step in ("soon", "stalled"):
+        row = rows(hub)[step]
+        assert row.sent_at is not None and row.sent_at >= row.send_at_utc  # never early
+    for step in ("recent", "soon", "stalled"):
         assert len(mail_rows(hub, f"sched-{rows(hub)[step].id}")) == 1
+
+
+def test_claims_of_dead_local_processes_are_released_at_start(hub) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from mailhub.scheduler.dispatcher import pid_alive, release_dead_claims
+
+    now = wall("2027-03-13T09:00:01", CHI)
+    dead = subprocess_pid()
+    claim_due(hub.engine, now, f"box:{dead}:aa", limit=1)  # prep-guide (its window closed)
+    claim_due(hub.engine, now, f"box:{os.getpid()}:bb", limit=1)  # travel-checklist
+    assert release_dead_claims(hub.engine, "other-box", pid_alive) == 0
+    assert release_dead_claims(hub.engine, "box", pid_alive) == 1
+    got = rows(hub)
+    assert got["prep-guide"].claimed_by == "" and got["prep-guide"].claimed_at is None
+    assert got["travel-checklist"].claimed_by.startswith("box:")
+
+
+def subprocess_pid() -> int:
+    """The pid of a process that has certainly exited."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_a_held_step_released_from_the_queue_counts_as_sent(hub) -> None:  # type: ignore[no-untyped-def]
+    from mailhub.scheduler.dispatcher import sync_released
+
+    Dispatcher(hub, "A").run_due(wall("2027-03-06T09:00:01", CHI))
+    prep = rows(hub)["prep-guide"]
+    assert prep.status == "held"
+    assert sync_released(hub.engine) == 0  # still held in the queue
+    with Session(hub.engine) as session:  # what 'mailhub queue release' does once a key exists
+        [item] = [session.get(OutboundItem, r.id) for r in mail_rows(hub, prep.queue_source_id)]
+        item.status = "queued"
+        session.add(item)
+        session.commit()
+    assert sync_released(hub.engine) == 1
+    assert rows(hub)["prep-guide"].status == "sent"

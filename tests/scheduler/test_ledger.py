@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlmodel import Session
 
+from mailhub.cli.cmd_schedule import schedule_list
 from mailhub.errors import MailhubError
 from mailhub.scheduler.ledger import (
     Existing,
@@ -23,7 +24,6 @@ from mailhub.scheduler.ledger import (
     diff_schedule,
     next_due,
     reschedule_case,
-    schedule_list,
 )
 from mailhub.scheduler.steps import PlannedStep
 from mailhub.store.models import Case, ScheduleEntry

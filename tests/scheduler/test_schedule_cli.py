@@ -186,3 +186,36 @@ def test_templates_preview_and_clear_errors(instance: Instance, hub: Hub,
     assert code == 1 and "no-such-plan" in err and "Traceback" not in err
     code, out, _ = cli(instance, capsys, "schedule", "list", "--json")
     assert json.loads(out) == []  # nothing half-scheduled
+
+
+def test_new_user_flow_with_the_case_commands(instance: Instance,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """cases open/set as the brief documents them; schedule list follows every change."""
+    code, out, err = cli(instance, capsys, "cases", "open", "--patient-name", "Dana Cole",
+                         "--patient-email", "dana@patient.example", "--timezone",
+                         "America/Chicago", "--procedure", "hip-replacement", "--clinic",
+                         "Anatolia", "--coordinator", COORD)
+    assert code == 0, err
+    case_id = out.strip().splitlines()[-1]
+    code, out, err = cli(instance, capsys, "cases", "set", case_id,
+                         "procedure_at=2027-03-20T08:00", "procedure_tz=Europe/Istanbul",
+                         "arrival_at=2027-03-17T22:30", "discharge_at=2027-03-24T11:00",
+                         "return_home_at=2027-03-27T14:00")
+    assert code == 0, err
+
+    def local_times() -> dict[str, tuple[str, str]]:
+        code, out, _ = cli(instance, capsys, "schedule", "list", "--case", case_id, "--json")
+        assert code == 0
+        return {r["step"]: (r["send_at_local"], r["status"]) for r in json.loads(out)}
+
+    got = local_times()
+    assert got["prep-guide"] == ("2027-03-06T09:00:00-06:00", "pending")  # CST
+    assert got["follow-up-day-7"] == ("2027-04-03T10:00:00-05:00", "pending")  # CDT
+    assert got["fasting-instructions"] == ("2027-03-19T18:00:00+03:00", "pending")
+    assert len(got) == 8
+    assert cli(instance, capsys, "cases", "set", case_id, "procedure_at=2027-04-10T08:00")[0] == 0
+    got = local_times()
+    assert got["prep-guide"] == ("2027-03-27T09:00:00-05:00", "pending")  # now after the change
+    assert got["fasting-instructions"] == ("2027-04-09T18:00:00+03:00", "pending")
+    assert cli(instance, capsys, "cases", "set", case_id, "status=closed")[0] == 0
+    assert {status for _, status in local_times().values()} == {"cancelled"}

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 00:27:10.614664
+Create Date: 2026-11-23 00:43:01.761543
 """
 import sqlalchemy as sa
 import sqlmodel
@@ -226,11 +226,13 @@ def upgrade() -> None:
     sa.Column('updated_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['case_id'], ['cases.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('case_id', 'step', name='uq_schedule_case_step')
+    sa.UniqueConstraint('case_id', 'step', name='uq_schedule_case_step'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('schedule', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_schedule_case_id'), ['case_id'], unique=False)
         batch_op.create_index('ix_schedule_due', ['status', 'send_at_utc'], unique=False)
+        batch_op.create_index('ix_schedule_next', ['status', 'claimed_by', 'send_at_utc'], unique=False)
 
     op.create_table('attachments',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -275,6 +277,7 @@ def downgrade() -> None:
 
     op.drop_table('attachments')
     with op.batch_alter_table('schedule', schema=None) as batch_op:
+        batch_op.drop_index('ix_schedule_next')
         batch_op.drop_index('ix_schedule_due')
         batch_op.drop_index(batch_op.f('ix_schedule_case_id'))
 

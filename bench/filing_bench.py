@@ -1,0 +1,322 @@
+"""Case store benchmark: file 100,000 inbound messages into 10,000 cases; then show a big case.
+
+Not a test: run it by hand from the repository root,
+``python bench/filing_bench.py [--messages N] [--cases N] [--db sqlite|postgresql|URL]``.
+
+The instance is a real ``mailhub init`` in a temporary folder (``--db URL``: a throwaway
+database created on that PostgreSQL server and dropped afterwards; ``--db postgresql``: a
+private server started for the run, as the tests do, with fsync off). Every message goes
+through the hub's own entry point, ``mailhub.cases.filing.file_inbound``, in its own session
+and transaction, exactly as the inbound listener commits it. Crypto on the wire is not part of
+this benchmark (messages arrive already opened, with their ``Protection``); sealing at rest is.
+
+The mail flow (``bench/filing_mail.py``) is stationary: cases open evenly over the run, replies
+go to recently opened cases, one case collects ``--big`` messages spread over the whole run,
+so the first and the last 10% have the same mix and differ only in what is already stored.
+Figures are printed as ratios to references measured in the same run, because absolute times
+drift on shared machines: the last 10% against the first 10%, messages/second against the cost
+of a bare one-row commit on the same database, and ``show_case`` of the big case against a bare
+SELECT of its rows and against opening its sealed Subjects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.filing_mail import MailFlow, Planned  # noqa: E402
+
+
+def admin(url: str, sql: str) -> None:
+    """One statement outside a transaction (CREATE/DROP DATABASE) on the URL's server."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
+class Instance:
+    """A real ``mailhub init`` instance in a temporary folder, on SQLite or PostgreSQL."""
+
+    def __init__(self, db: str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="mhfb", dir="/tmp"))
+        self.pg_server: Any = None
+        self.pg_admin_url = ""
+        self.pg_db = ""
+        proc = subprocess.run([sys.executable, "-m", "mailhub", "init", str(self.root / "hub")],
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mailhub init failed: {proc.stderr}")
+        self.config = self.root / "hub" / "config.toml"
+        url = ""
+        if db == "postgresql":
+            from tests.pgserver import PgServer
+
+            self.pg_server = PgServer().start()
+            self.pg_admin_url = self.pg_server.url("postgres")
+        elif db.startswith("postgresql"):
+            self.pg_admin_url = db
+        elif db != "sqlite":
+            raise SystemExit(f"--db must be sqlite, postgresql or a postgresql URL, not {db!r}")
+        if self.pg_admin_url:
+            self.pg_db = f"mhbench_{secrets.token_hex(4)}"
+            admin(self.pg_admin_url, f'CREATE DATABASE "{self.pg_db}"')
+            url = f"{self.pg_admin_url.rsplit('/', 1)[0]}/{self.pg_db}"
+            text = self.config.read_text(encoding="utf-8")
+            self.config.write_text(text.replace('database_url = ""', f'database_url = "{url}"', 1),
+                                   encoding="utf-8")
+        from mailhub.app import Hub
+        from mailhub.config import load_config
+
+        self.hub = Hub(load_config(self.config))
+        self.hub.migrate()  # a no-op on SQLite (init made it), the schema on the new PG database
+        self.label = "PostgreSQL" + (" (private server, fsync off)" if self.pg_server else "") \
+            if url else "SQLite (WAL, synchronous=FULL)"
+
+    def close(self, keep: bool) -> None:
+        self.hub.engine.dispose()
+        if self.pg_db and not keep:
+            admin(self.pg_admin_url, f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+        if self.pg_server is not None and not keep:
+            self.pg_server.stop()
+        if keep:
+            print(f"kept the instance: {self.config}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def commit_floor(inst: Instance, count: int = 500) -> float:
+    """Seconds per transaction that inserts one small row and commits (same database, same
+    pragmas): the floor under any one-transaction-per-message filing."""
+    from sqlalchemy import text
+
+    engine = inst.hub.engine
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE bench_floor (id INTEGER PRIMARY KEY, v TEXT)"))
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO bench_floor (id, v) VALUES (:i, :v)"),
+                         {"i": i, "v": "x" * 64})
+        times.append(time.perf_counter() - start)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE bench_floor"))
+    return statistics.mean(times)
+
+
+class QueryTimer:
+    """Time per SQL statement text (SQLAlchemy cursor events), split by phase of the run."""
+
+    def __init__(self, engine: Any) -> None:
+        from sqlalchemy import event
+
+        self.phase = ""
+        self.stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _before(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]  # noqa: E501
+            conn.info["bench_t0"] = time.perf_counter()
+
+        @event.listens_for(engine, "after_cursor_execute")
+        def _after(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]  # noqa: E501
+            if self.phase:
+                took = time.perf_counter() - conn.info.pop("bench_t0", time.perf_counter())
+                self.stats[" ".join(statement.split())[:150]][self.phase].append(took)
+
+    def report(self, first: str, last: str) -> None:
+        rows = []
+        for stmt, by_phase in self.stats.items():
+            a, b = by_phase.get(first, []), by_phase.get(last, [])
+            if a and b:
+                rows.append((sum(b), statistics.mean(b) / statistics.mean(a), len(b), stmt))
+        print("  per-statement time, last 10% vs first 10% (the 15 costliest in the last):")
+        for total, ratio, n, stmt in sorted(rows, reverse=True)[:15]:
+            print(f"    {ratio:5.2f}x  {total:7.2f} s  {n:7d}x  {stmt}")
+
+
+def file_all(inst: Instance, flow: MailFlow, args: argparse.Namespace,
+             timer: QueryTimer | None) -> dict[str, Any]:
+    """File every planned message, one session and transaction each; per-message seconds."""
+    from sqlmodel import Session
+
+    from mailhub.cases.filing import file_inbound
+
+    hub = inst.hub
+    n = args.messages
+    tenth = max(1, n // 10)
+    costs: list[float] = []
+    reasons: Counter[str] = Counter()
+    misfiled: Counter[str] = Counter()
+    profiles = {"first": cProfile.Profile(), "last": cProfile.Profile()} if args.profile else {}
+    started = time.perf_counter()
+    for i, planned in enumerate(flow.messages(n)):
+        phase = "first" if i < tenth else "last" if i >= n - tenth else ""
+        if timer is not None:
+            timer.phase = phase
+        prof = profiles.get(phase)
+        t0 = time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        with Session(hub.engine, expire_on_commit=False) as session:
+            result = file_inbound(session, hub, planned.raw, planned.protection,
+                                  envelope_from=planned.envelope_from,
+                                  recipients=planned.recipients, actor="inbound:bench")
+            session.commit()
+        if prof is not None:
+            prof.disable()
+        costs.append(time.perf_counter() - t0)
+        reasons[result.reason] += 1
+        check(flow, planned, result, misfiled)
+        if args.progress and (i + 1) % args.progress == 0:
+            done = time.perf_counter() - started
+            recent = statistics.mean(costs[-args.progress:]) * 1000
+            print(f"  {i + 1:>8,} filed, {done:7.1f} s, last {args.progress:,}: "
+                  f"{recent:.2f} ms/message", flush=True)
+    if timer is not None:
+        timer.phase = ""
+    for name, prof in profiles.items():
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+        print(f"  cProfile, {name} 10%:\n{out.getvalue()}")
+    return {"costs": costs, "reasons": reasons, "misfiled": misfiled,
+            "wall": time.perf_counter() - started}
+
+
+def check(flow: MailFlow, planned: Planned, result: Any, misfiled: Counter[str]) -> None:
+    """Record the case a first contact opened; count messages filed where they do not belong."""
+    if planned.kind == "open":
+        if not result.created_case:
+            misfiled["first contact did not open a case"] += 1
+        flow.case_ids[planned.case] = result.case_id
+        return
+    if planned.kind.startswith("dup") and not result.duplicate:
+        misfiled["duplicate stored twice"] += 1
+    if result.case_id != flow.case_ids.get(planned.case):
+        misfiled[f"{planned.kind} filed in another case"] += 1
+
+
+def show_big_case(inst: Instance, case_id: str, repeat: int = 5) -> dict[str, float]:
+    """``show_case`` of the big case against a bare SELECT of its rows and opening its Subjects
+    (the median of ``repeat`` runs each, all on a warm cache)."""
+    from sqlalchemy import select
+    from sqlmodel import Session
+
+    from mailhub.cases.export import show_case
+    from mailhub.store.models import StoredMessage
+
+    hub = inst.hub
+    sealer = hub.sealer
+    cols = [c for c in StoredMessage.__table__.columns if c.name != "body_sealed"]  # type: ignore[attr-defined]
+    stmt = select(*cols).where(StoredMessage.case_id == case_id)  # type: ignore[arg-type]
+    out: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeat + 1):  # the first round warms caches and is dropped
+        with Session(hub.engine) as session:
+            t0 = time.perf_counter()
+            rows = session.execute(stmt).all()
+            t1 = time.perf_counter()
+            for r in rows:
+                sealer.open(r.subject_sealed, aad=b"mailhub:subject:" + r.digest.encode())
+            t2 = time.perf_counter()
+        with Session(hub.engine) as session:
+            t3 = time.perf_counter()
+            view = show_case(session, sealer, case_id)
+            t4 = time.perf_counter()
+        out["select"].append(t1 - t0)
+        out["subjects"].append(t2 - t1)
+        out["show"].append(t4 - t3)
+        out["rows"].append(len(rows))
+        out["shown"].append(len(view["messages"]))
+    return {k: statistics.median(v[1:]) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--cases", type=int, default=10_000)
+    ap.add_argument("--big", type=int, default=1_000, help="messages of the case shown at the end")
+    ap.add_argument("--db", default="sqlite",
+                    help="sqlite (default), postgresql (a private throwaway server), or the URL "
+                         "of a PostgreSQL server (a database is created there and dropped)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--progress", type=int, default=10_000, help="print every N messages")
+    ap.add_argument("--per-query", action="store_true",
+                    help="time every SQL statement, first vs last 10%% (adds a little overhead)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the first and last 10%%")
+    ap.add_argument("--keep", action="store_true", help="keep the instance and its database")
+    args = ap.parse_args()
+    if args.messages < args.cases + args.big or args.cases < 2:
+        raise SystemExit("--messages must be at least --cases + --big, and --cases at least 2")
+
+    t_init = time.perf_counter()
+    inst = Instance(args.db)
+    print(f"filing benchmark: {args.messages:,} messages into {args.cases:,} cases, "
+          f"{inst.label}; instance made by 'mailhub init' in {time.perf_counter() - t_init:.1f} s")
+    try:
+        floor = commit_floor(inst)
+        flow = MailFlow(args.messages, args.cases, args.big, args.seed, inst.hub.domain)
+        timer = QueryTimer(inst.hub.engine) if args.per_query else None
+        res = file_all(inst, flow, args, timer)
+        shown = show_big_case(inst, flow.case_ids[0])
+        report(args, res, floor, shown, flow)
+        if timer is not None:
+            timer.report("first", "last")
+    finally:
+        inst.close(args.keep)
+
+
+def report(args: argparse.Namespace, res: dict[str, Any], floor: float,
+           shown: dict[str, float], flow: MailFlow) -> None:
+    costs = res["costs"]
+    tenth = max(1, len(costs) // 10)
+    first, last = costs[:tenth], costs[-tenth:]
+    total = sum(costs)
+
+    def ms(values: list[float], q: float | None = None) -> float:
+        if q is None:
+            return statistics.mean(values) * 1000
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+    print(f"  filed {len(costs):,} messages in {total:.1f} s of filing "
+          f"({res['wall']:.1f} s wall, with generating the mail)")
+    print(f"  threading: {dict(res['reasons'].most_common())}")
+    print(f"  misfiled: {dict(res['misfiled']) or 'none'}")
+    print(f"  first 10%: mean {ms(first):.3f} ms, p50 {ms(first, .5):.3f} ms, "
+          f"p90 {ms(first, .9):.3f} ms, p99 {ms(first, .99):.3f} ms")
+    print(f"  last 10%:  mean {ms(last):.3f} ms, p50 {ms(last, .5):.3f} ms, "
+          f"p90 {ms(last, .9):.3f} ms, p99 {ms(last, .99):.3f} ms")
+    ratio = statistics.mean(last) / statistics.mean(first)
+    print(f"    ratio last/first 10% (mean): {ratio:.3f}  (target <= 1.2: "
+          f"{'met' if ratio <= 1.2 else 'NOT met'}); p50: "
+          f"{statistics.median(last) / statistics.median(first):.3f}")
+    print(f"  overall: {len(costs) / total:.0f} messages/s; reference, a bare one-row commit: "
+          f"{floor * 1000:.3f} ms ({1 / floor:.0f}/s); ratio per-message cost / bare commit: "
+          f"{total / len(costs) / floor:.2f}")
+    print(f"  show_case of {flow.case_ids[0]} ({shown['shown']:.0f} messages): "
+          f"{shown['show'] * 1000:.1f} ms; reference, bare SELECT of its {shown['rows']:.0f} rows: "
+          f"{shown['select'] * 1000:.1f} ms; opening their {shown['rows']:.0f} sealed Subjects: "
+          f"{shown['subjects'] * 1000:.1f} ms")
+    print(f"    ratio show / bare SELECT: {shown['show'] / shown['select']:.1f}; "
+          f"show / (SELECT + open Subjects): "
+          f"{shown['show'] / (shown['select'] + shown['subjects']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
