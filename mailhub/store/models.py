@@ -24,7 +24,7 @@ class User(SQLModel, table=True):
     __tablename__ = "users"
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(index=True, unique=True)
-    password_hash: str
+    password_hash: str = Field(repr=False)  # never shown in logs or tracebacks
     created_at: datetime = Field(default_factory=utcnow)
     disabled: bool = False
 
@@ -44,7 +44,7 @@ class KeyRecord(SQLModel, table=True):
     revoked: bool = False
     usable: bool = True
     unusable_reason: str = ""
-    material: str | None = Field(default=None, sa_column=Column(Text))  # public cert PEM (S/MIME)
+    material: str | None = Field(default=None, sa_column=Column(Text), repr=False)  # cert PEM
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)  # any change (the policy's snapshot key)
     # Autocrypt Level 1 peer state (source == "autocrypt").
@@ -87,7 +87,7 @@ class Payload(SQLModel, table=True):
 
     __tablename__ = "payloads"
     id: int | None = Field(default=None, primary_key=True)
-    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False), repr=False)
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -171,8 +171,8 @@ class StoredMessage(SQLModel, table=True):
     direction: str  # in | out
     from_addr: str = ""
     to_addrs: str = Field(default="[]", sa_column=Column(Text))  # JSON list
-    subject_sealed: bytes = Field(default=b"", sa_column=Column(LargeBinary))
-    body_sealed: bytes | None = Field(default=None, sa_column=Column(LargeBinary))  # whole message
+    subject_sealed: bytes = Field(default=b"", sa_column=Column(LargeBinary), repr=False)
+    body_sealed: bytes | None = Field(default=None, sa_column=Column(LargeBinary), repr=False)  # whole message
     encryption: str = "none"
     signature: str = "none"
     signer: str = ""
