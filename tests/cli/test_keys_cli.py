@@ -1,0 +1,65 @@
+"""`keys import-own`, `keys list` and `export-hub` as an administrator uses them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.conftest import Instance, RunningHub
+from tests.deliver.test_relay_e2e import gpg, make_recipient
+from tests.ingress.test_inbound_e2e import send_raw
+
+
+def test_import_own_openpgp_key_rollover(instance: Instance, short_tmp: Path) -> None:
+    old_fpr = json.loads(instance.run("keys", "list", "--json")[1])[0]["fingerprint"]
+    org_home, _ = make_recipient(short_tmp, "hub@medvoyage.example")
+    secret = short_tmp / "org-secret.asc"
+    secret.write_bytes(gpg(org_home, "--armor", "--export-secret-keys").stdout)
+    code, out, err = instance.run("keys", "import-own", str(secret))
+    assert code == 0, err
+    rows = json.loads(instance.run("keys", "list", "--json")[1])
+    own = {r["fingerprint"] for r in rows if r["own"] and r["kind"] == "openpgp"}
+    assert old_fpr in own and len(own) == 2
+    exported = short_tmp / "exported.asc"
+    exported.write_text(instance.run("keys", "export-hub")[1])
+    listing = gpg(org_home, "--with-colons", "--import-options", "show-only", "--import",
+                  str(exported)).stdout.decode()
+    assert old_fpr not in listing  # the newest own key signs and is the one handed out
+
+    # mail encrypted to the OLD hub key still opens during the rollover
+    old_pub = subprocess.run(["gpg", "--homedir", str(instance.root / "keys" / "gnupg"),
+                              "--armor", "--export", old_fpr], capture_output=True).stdout
+    sender_home = short_tmp / "sender"
+    sender_home.mkdir(mode=0o700)
+    assert gpg(sender_home, "--import", data=old_pub).returncode == 0
+    cipher = gpg(sender_home, "--armor", "--trust-model", "always", "--encrypt", "--recipient",
+                 old_fpr, data=b"ROLLOVER-OK").stdout
+    hub = RunningHub(instance.config).start()
+    try:
+        msg = (b"From: pat@example.org\r\nTo: intake@medvoyage.example\r\nSubject: s\r\n"
+               b"Message-ID: <roll@example.org>\r\n\r\n" + cipher)
+        code, text = send_raw(instance.inbound_port, "pat@example.org",
+                              "intake@medvoyage.example", msg)
+        assert code == 250, text
+    finally:
+        hub.stop()
+
+
+def test_import_own_smime_and_export(instance: Instance, short_tmp: Path) -> None:
+    key, crt = short_tmp / "org.key", short_tmp / "org.crt"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                        "-keyout", str(key), "-out", str(crt), "-subj",
+                        "/CN=Org/emailAddress=hub@medvoyage.example",
+                        "-addext", "subjectAltName=email:hub@medvoyage.example"],
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+    code, out, err = instance.run("keys", "import-own", str(key), "--cert", str(crt))
+    assert code == 0, err
+    rows = json.loads(instance.run("keys", "list", "--json")[1])
+    smime_own = [r for r in rows if r["own"] and r["kind"] == "smime"]
+    assert len(smime_own) == 2
+    assert any("expires within 30 days" in r["warning"] for r in smime_own)
+    # a certificate without its key is refused clearly
+    code, out, err = instance.run("keys", "import-own", str(crt))
+    assert code == 1 and "Traceback" not in err
