@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the instance folder")
     args = ap.parse_args()
 
+    print(f"{os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}", flush=True)
     root = short_tmp()
     sink_port = free_port()
     hub = make_hub(root, sink_port)
@@ -270,6 +271,8 @@ def main() -> None:
         ratios.append((f"4KiB relay plaintext with {args.history} rows of history / without",
                        by[("history", "True")].rate / by[("history", "False")].rate, 0.8, 0))
     print_table(rows, ratios)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f} (other work on the machine "
+          "skews absolute rates; the ratios compare runs made minutes apart)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """``mailhub serve``: the listeners, the spool runner, delivery, IMAP ingest and the scheduler.
 
 Everything runs on one asyncio loop; blocking work (fsync, database, gpg) goes to threads or the
-crypto process pool. Ready means both SMTP ports accept connections. On start, spool files left by
-a crash are processed again and queued messages are retried at once. SIGTERM/SIGINT stop the
-listeners first, then let in-flight work finish.
+crypto process pool. With more than one core, the submission port is served by child processes
+(``SubmissionProcesses``) so that receiving mail and processing it use different cores; the
+database is written by one thread (``GroupCommit``), whose commits many messages share. Ready
+means both SMTP ports accept connections. On start, spool files left by a crash are processed
+again and queued messages are retried at once. SIGTERM/SIGINT stop the listeners first, then let
+in-flight work finish.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mailhub.app import Hub
 from mailhub.crypto.engine import CryptoEngine
 from mailhub.deliver import queue
 from mailhub.deliver.worker import DeliveryWorker
+from mailhub.errors import MailhubError
 from mailhub.ingress.auth import FailureThrottle, verify_password
 from mailhub.ingress.handlers import InboundHandler, SubmissionHandler
 from mailhub.ingress.smtp_server import HubSMTP, make_authenticator, server_tls_context
@@ -44,7 +48,7 @@ class SpoolRunner:
                  max_failures: int = 5, retry_after: float = 30.0) -> None:
         self.hub = hub
         self.processors = processors
-        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
         self.concurrency = concurrency
         self.max_failures = max_failures
         self.retry_after = retry_after
@@ -100,18 +104,17 @@ class SpoolRunner:
             async with sem:
                 await self._one(listener, sid)
 
+        # stopping puts None in the queue: one await per message, not a wait() on two futures
+        stopper = asyncio.ensure_future(stop.wait())
+        stopper.add_done_callback(lambda _: self.queue.put_nowait(None))
         while not stop.is_set():
-            getter = asyncio.ensure_future(self.queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter not in done:
-                getter.cancel()
+            item = await self.queue.get()
+            if item is None:
                 break
-            listener, sid = getter.result()
-            task = asyncio.create_task(guarded(listener, sid))
+            task = asyncio.create_task(guarded(*item))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        stopper.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -201,7 +204,9 @@ class Server:
             self._tasks.append(asyncio.create_task(extra(self.stop_event)))
 
     def ports(self) -> list[int]:
-        return [s.sockets[0].getsockname()[1] for s in self._servers]
+        procs = self.submission_procs
+        extra = [procs.sock.getsockname()[1]] if procs is not None and procs.sock else []
+        return extra + [s.sockets[0].getsockname()[1] for s in self._servers]
 
     async def stop(self) -> None:
         if self.submission_procs is not None:
@@ -298,7 +303,9 @@ class SubmissionProcesses:
             proc, _ = self.children.pop(conn.fileno())
             conn.close()
             if not ready.done():
-                ready.set_exception(RuntimeError("a submission process failed to start"))
+                ready.set_exception(MailhubError(
+                    "a submission listener process failed to start",
+                    hint="see the log lines above; 'mailhub --debug serve' shows more"))
             elif not self._stopping:
                 log.error("submission process %s exited (code %s); starting another", proc.pid,
                           proc.exitcode)

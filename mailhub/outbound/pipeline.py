@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import format_datetime, getaddresses, make_msgid
 from typing import TypeVar
 
@@ -126,9 +126,13 @@ class OutboundPipeline:
             keys = self.hub.key_snapshot.candidates(rcpt)
             ctx = RecipientContext(address=rcpt, hub_domain=cfg.hub.domain,
                                    internal_relay_set=cfg.delivery.internal_relay is not None,
-                                   keys=keys, consent_plain_email=(
-                                       not any(k.usable for k in keys) and self.consent(rcpt)))
+                                   keys=keys, consent_plain_email=False)
             decision = decide_recipient(ctx, policy)
+            # consent is only looked at when every earlier rule missed (the decision would be a
+            # hold): ask the database then, not for every recipient of every message
+            if (decision.action == "hold" and not any(k.usable for k in keys)
+                    and self.consent(rcpt)):
+                decision = decide_recipient(replace(ctx, consent_plain_email=True), policy)
             decisions[rcpt] = decision
             log_decision(message_id, decision.trace, recipient=rcpt)
         return Prepared(sm.spool_id, raw, message_id, sm.envelope.mail_from,

@@ -85,10 +85,12 @@ class Serve:
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
 
     def kill(self) -> None:
-        """SIGKILL the server, then whatever it left in its group (crypto workers)."""
+        """SIGKILL the server; its submission listener processes notice and exit by themselves
+        (the port closes); then kill what else is left in its group (idle crypto workers)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        wait_until(lambda: not port_open(self.inst.submission_port))
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
