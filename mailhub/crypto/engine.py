@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from email import message_from_bytes, policy
@@ -49,6 +52,17 @@ def protect_bytes(raw: bytes, job: ProtectJob) -> bytes:
     raise CryptoError(f"unknown protection method {job.method!r}")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose hub was killed (kill -9 leaves no time to stop the pool) exits too."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class CryptoEngine:
     """A process pool for protect jobs; ``workers=0`` runs inline (tests, one-shot commands)."""
 
@@ -57,7 +71,9 @@ class CryptoEngine:
         self._pool: ProcessPoolExecutor | None = None
         if workers > 0:
             self._pool = ProcessPoolExecutor(max_workers=workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with_parent,
+                                             initargs=(os.getpid(),))
 
     async def protect(self, raw: bytes, job: ProtectJob) -> bytes:
         if self._pool is None:

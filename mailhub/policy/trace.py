@@ -85,8 +85,18 @@ def format_decision_lines(message_id: str, trace: Iterable[RuleHit], *,
 
 
 def log_decision(message_id: str, trace: Iterable[RuleHit], *, recipient: str | None = None,
-                 logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
-    """Log a decision's trace on ``mailhub.policy``, one line per rule."""
+                 logger: logging.Logger | None = None, level: int = logging.DEBUG) -> None:
+    """Log a decision on ``mailhub.policy``: the deciding rule at INFO, every rule at ``level``.
+
+    Every rule (hits and misses) is also kept on the message's record; the log keeps one line
+    per decision at INFO so a busy relay does not spend its time formatting misses.
+    """
     target = logger or log
-    for line in format_decision_lines(message_id, trace, recipient=recipient):
-        target.log(level, "%s", line)
+    trace = tuple(trace)
+    if target.isEnabledFor(level):
+        for line in format_decision_lines(message_id, trace, recipient=recipient):
+            target.log(level, "%s", line)
+    if level < logging.INFO and target.isEnabledFor(logging.INFO):
+        hit = [t for t in trace if t.hit][-1:]
+        for line in format_decision_lines(message_id, hit, recipient=recipient):
+            target.info("%s", line)

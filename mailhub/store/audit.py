@@ -179,7 +179,15 @@ def append(session: Session, actor: str, action: str, *, message_id: str | None 
     if not actor or not actor.strip():
         raise AuditError("audit actor is empty", hint="name who acted: 'smtp-inbound', a user...")
     detail_text = _detail_json(detail)
-    head = _lock_head(session)
+    # The chain lock lasts until the transaction ends: take it (and read the head) once per
+    # transaction, not once per entry; later entries in the same transaction reuse the head.
+    tx = session.get_transaction()
+    cached = session.info.get("audit_head")
+    if cached is not None and cached[0] is tx and cached[1] in session:
+        head = cached[1]
+    else:
+        head = _lock_head(session)
+        session.info["audit_head"] = (tx, head)
     entry = AuditEntry(seq=head.seq + 1, at=datetime.now(UTC).replace(tzinfo=None),
                        actor=actor.strip(), action=action, message_id=_clip_message_id(message_id),
                        case_id=case_id, detail=detail_text, prev_hash=head.hash, hash="")

@@ -39,7 +39,7 @@ def test_roundtrip_and_fresh_data_key_per_object(keyfile: Path) -> None:
     b = box.seal(b"patient record", b"msg-1")
     assert box.open(a, b"msg-1") == box.open(b, b"msg-1") == b"patient record"
     assert b"patient record" not in a
-    assert a[:4] == b"MHAR" and a[4] == 1 and a[5:13] == bytes.fromhex(box.key_id)
+    assert a[:4] == b"MHAR" and a[4] == 2 and a[5:13] == bytes.fromhex(box.key_id)
     assert a[13:HEADER_LEN] != b[13:HEADER_LEN]  # wrapped key and nonce differ per object
     assert box.open(box.seal(b""), b"") == b""
 
@@ -96,3 +96,20 @@ def test_seal_to_file_is_atomic_0600_and_readable_back(keyfile: Path, tmp_path: 
     assert box.open_file(target, b"m1") == b"second"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [p.name for p in spool.iterdir()] == ["m1.msg"]
+
+
+def test_version_1_blobs_still_open(keyfile: Path) -> None:
+    """Objects sealed before the GCM key wrap (RFC 3394 key wrap, version 1) stay readable."""
+    import secrets
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    box = AtRest.load(keyfile)
+    master = keyfile.read_bytes()
+    data_key, nonce = AESGCM.generate_key(bit_length=256), secrets.token_bytes(12)
+    header = b"MHAR\x01" + bytes.fromhex(box.key_id) + aes_key_wrap(master, data_key) + nonce
+    blob = header + AESGCM(data_key).encrypt(nonce, b"old record", header + b"ctx")
+    assert box.open(blob, b"ctx") == b"old record"
+    with pytest.raises(CryptoError):
+        box.open(blob[:-1] + bytes([blob[-1] ^ 1]), b"ctx")

@@ -85,16 +85,13 @@ class Serve:
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
 
     def kill(self) -> None:
-        """SIGKILL the server; its submission listener processes notice and exit by themselves
-        (the port closes); then kill what else is left in its group (idle crypto workers)."""
+        """SIGKILL the server; its submission listener processes and crypto workers notice and
+        exit by themselves (the port closes, the process group empties)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
         wait_until(lambda: not port_open(self.inst.submission_port))
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        wait_until(lambda: not group_alive(self.proc.pid), timeout=60)  # type: ignore[union-attr]
         self.proc = None
 
     def stop(self) -> None:
@@ -105,6 +102,12 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.kill()
             self.proc = None
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process (other than a zombie) is left in the process group."""
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True)
+    return any(not st.startswith("Z") for st in out.stdout.split())
 
 
 def port_open(port: int) -> bool:

@@ -39,14 +39,20 @@ def test_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     d = decide_recipient(RecipientContext(
         "p@mail.example", "medvoyage.example", False,
         (KeyCandidate("openpgp", "A" * 40, True, "", "imported"),)), load_policy(REPO_RULES))
-    with caplog.at_level(logging.INFO, logger="mailhub.policy"):
+    with caplog.at_level(logging.DEBUG, logger="mailhub.policy"):
         log_decision("<abc@x.example>", d.trace, recipient="p@mail.example")
     records = [r for r in caplog.records if r.name == "mailhub.policy"]
-    lines = [r.getMessage() for r in records]
-    assert len(lines) == len(d.trace) == 4
-    assert lines[0].startswith("decision message_id=<abc@x.example> recipient=p@mail.example "
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert len(debug) == len(d.trace) == 4  # every hit and miss, at DEBUG
+    assert debug[0].startswith("decision message_id=<abc@x.example> recipient=p@mail.example "
                                "rule=invalid-address hit=no")
-    assert "rule=usable-key hit=yes" in lines[-1] and "A" * 40 in lines[-1]
+    assert "rule=usable-key hit=yes" in debug[-1] and "A" * 40 in debug[-1]
+    assert len(info) == 1 and "rule=usable-key hit=yes" in info[0]  # the deciding rule
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mailhub.policy"):
+        log_decision("<abc@x.example>", d.trace, recipient="p@mail.example")
+    assert [r.getMessage() for r in caplog.records if r.name == "mailhub.policy"] == info
 
 
 def test_log_values_cannot_forge_lines() -> None:
