@@ -17,6 +17,10 @@ Figures are printed as ratios to references measured in the same run, because ab
 drift on shared machines: the last 10% against the first 10%, messages/second against the cost
 of a bare one-row commit on the same database, and ``show_case`` of the big case against a bare
 SELECT of its rows and against opening its sealed Subjects.
+
+``--per-query`` times every SQL statement (first against last 10%) and EXPLAINs every SELECT
+the run issued, flagging table scans; ``--profile`` runs cProfile over the first and the last
+10%. Use them to find what grows when the last/first ratio is above its target (1.2).
 """
 
 from __future__ import annotations
@@ -56,25 +60,33 @@ class Instance:
     """A real ``mailhub init`` instance in a temporary folder, on SQLite or PostgreSQL."""
 
     def __init__(self, db: str) -> None:
+        if db not in ("sqlite", "postgresql") and not db.startswith("postgresql"):
+            raise SystemExit(f"--db must be sqlite, postgresql or a postgresql URL, not {db!r}")
         self.root = Path(tempfile.mkdtemp(prefix="mhfb", dir="/tmp"))
         self.pg_server: Any = None
-        self.pg_admin_url = ""
-        self.pg_db = ""
+        self.pg_admin_url = self.pg_db = ""
+        try:
+            self._make(db)
+        except BaseException:
+            self.close(keep=False)
+            raise
+
+    def _make(self, db: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "mailhub", "init", str(self.root / "hub")],
                               capture_output=True, text=True, timeout=600, cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(f"mailhub init failed: {proc.stderr}")
         self.config = self.root / "hub" / "config.toml"
-        url = ""
+        self.label = "SQLite (WAL, synchronous=FULL)"
         if db == "postgresql":
             from tests.pgserver import PgServer
 
             self.pg_server = PgServer().start()
             self.pg_admin_url = self.pg_server.url("postgres")
-        elif db.startswith("postgresql"):
-            self.pg_admin_url = db
+            self.label = "PostgreSQL (a private server, fsync off)"
         elif db != "sqlite":
-            raise SystemExit(f"--db must be sqlite, postgresql or a postgresql URL, not {db!r}")
+            self.pg_admin_url = db
+            self.label = "PostgreSQL"
         if self.pg_admin_url:
             self.pg_db = f"mhbench_{secrets.token_hex(4)}"
             admin(self.pg_admin_url, f'CREATE DATABASE "{self.pg_db}"')
@@ -87,11 +99,10 @@ class Instance:
 
         self.hub = Hub(load_config(self.config))
         self.hub.migrate()  # a no-op on SQLite (init made it), the schema on the new PG database
-        self.label = "PostgreSQL" + (" (private server, fsync off)" if self.pg_server else "") \
-            if url else "SQLite (WAL, synchronous=FULL)"
 
     def close(self, keep: bool) -> None:
-        self.hub.engine.dispose()
+        if "hub" in vars(self):
+            self.hub.engine.dispose()
         if self.pg_db and not keep:
             admin(self.pg_admin_url, f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
         if self.pg_server is not None and not keep:
@@ -135,11 +146,13 @@ class QueryTimer:
         self.samples: dict[str, tuple[str, Any]] = {}
 
         @event.listens_for(engine, "before_cursor_execute")
-        def _before(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]  # noqa: E501
+        def _before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                    executemany: bool) -> None:
             conn.info["bench_t0"] = time.perf_counter()
 
         @event.listens_for(engine, "after_cursor_execute")
-        def _after(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]  # noqa: E501
+        def _after(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                   executemany: bool) -> None:
             took = time.perf_counter() - conn.info.pop("bench_t0", time.perf_counter())
             key = " ".join(statement.split())
             if self.phase:
@@ -148,6 +161,7 @@ class QueryTimer:
                 self.samples[key] = (statement, parameters)
 
     def report(self, first: str, last: str) -> None:
+        """The statements that cost most in ``last``, each with its median against ``first``."""
         rows = []
         for stmt, by_phase in self.stats.items():
             a, b = by_phase.get(first, []), by_phase.get(last, [])
@@ -176,7 +190,8 @@ class QueryTimer:
                 if scans:
                     flagged += 1
                     print(f"    SCAN in: {key[:110]}\n      {'; '.join(scans)[:200]}")
-            print(f"  EXPLAIN of {len(self.samples)} distinct SELECTs: {flagged} scan a table")
+            print(f"  EXPLAIN of {len(self.samples)} distinct SELECTs: {flagged} scan a table"
+                  + (" (PostgreSQL scans tables of a few pages on purpose)" if pg else ""))
 
 
 def file_all(inst: Instance, flow: MailFlow, args: argparse.Namespace,
@@ -232,8 +247,8 @@ def file_all(inst: Instance, flow: MailFlow, args: argparse.Namespace,
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
         print(f"  cProfile, {name} 10%:\n{out.getvalue()}")
-    return {"costs": costs, "cpu": cpu, "commits": commits, "reasons": reasons, "misfiled": misfiled, "mix": mix,
-            "wall": time.perf_counter() - started}
+    return {"costs": costs, "cpu": cpu, "commits": commits, "reasons": reasons,
+            "misfiled": misfiled, "mix": mix, "wall": time.perf_counter() - started}
 
 
 def check(flow: MailFlow, planned: Planned, result: Any, misfiled: Counter[str]) -> None:
@@ -256,6 +271,7 @@ def show_big_case(inst: Instance, case_id: str, repeat: int = 5) -> dict[str, fl
     from sqlmodel import Session
 
     from mailhub.cases.export import show_case
+    from mailhub.cases.store import subject_aad
     from mailhub.store.models import StoredMessage
 
     hub = inst.hub
@@ -269,7 +285,7 @@ def show_big_case(inst: Instance, case_id: str, repeat: int = 5) -> dict[str, fl
             rows = session.execute(stmt).all()
             t1 = time.perf_counter()
             for r in rows:
-                sealer.open(r.subject_sealed, aad=b"mailhub:subject:" + r.digest.encode())
+                sealer.open(r.subject_sealed, aad=subject_aad(r.digest))
             t2 = time.perf_counter()
         with Session(hub.engine) as session:
             t3 = time.perf_counter()

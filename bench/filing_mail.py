@@ -21,8 +21,9 @@ from email.utils import format_datetime
 
 from mailhub.crypto.protection import Protection
 
-FIRST = ("ana maria joao lena mehmet aylin sofia lucas emma noah mia leon olga ivan chen wei "
-         "fatima omar hana yusuf elif sara david laura marco giulia pablo lucia anders ingrid").split()
+FIRST = ("ana maria joao lena mehmet aylin sofia lucas emma noah mia leon olga ivan chen "
+         "wei fatima omar hana yusuf elif sara david laura marco giulia pablo lucia anders "
+         "ingrid").split()
 LAST = ("silva santos kaya demir yilmaz schmidt muller rossi bianchi garcia lopez novak "
         "petrov wang li haddad nasser andersen larsen jensen costa moreau dubois").split()
 PATIENT_DOMAINS = tuple(f"mail{i}.example" for i in range(40)) + ("gmail.example", "web.example")
@@ -58,11 +59,13 @@ class Planned:
 
 @dataclass
 class FlowCase:
+    """A case as the flow sees it: its patient, coordinator, first Subject and Message-IDs."""
+
     patient: str
     name: str
     coord: str
     subject: str
-    thread: list[str] = field(default_factory=list)  # root first, then the latest ids
+    thread: list[str] = field(default_factory=list)  # in the order written, root first
 
 
 class MailFlow:

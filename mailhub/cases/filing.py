@@ -26,13 +26,20 @@ from mailhub.cases.store import (
     file_message,
     find_duplicate,
     identify,
+    parse_headers,
     parse_message,
 )
 from mailhub.cases.subjects import find_case_tags
 from mailhub.cases.threading import Incoming, assign_case, case_address_id, incoming_from_message
 from mailhub.crypto.protection import Protection
 from mailhub.errors import StoreError
-from mailhub.parse.headers import addresses, decode_words, normalize_address, raw_headers
+from mailhub.parse.headers import (
+    addresses,
+    decode_words,
+    normalize_address,
+    raw_headers,
+    safe_header,
+)
 from mailhub.parse.msgid import parse_msgid_list
 from mailhub.store import audit
 from mailhub.store.models import Case, Patient
@@ -184,14 +191,17 @@ def outbound_case(index: SqlCaseIndex, subject: str, recipients: list[str],
 
 def file_outbound(session: Session, hub: Any, raw: bytes, sender: str, recipients: Iterable[str],
                   *, protection: Protection | None = None, actor: str = "outbound") -> str | None:
-    """Store a coordinator's case message; its case id, or None when it is not case mail."""
-    msg = parse_message(raw)
+    """Store a coordinator's case message; its case id, or None when it is not case mail.
+
+    The case is decided from the headers alone (most submissions are not case mail): the
+    body is parsed only for a message that is stored."""
+    msg = parse_headers(raw)
     rcpts = [a for a in (normalize_address(r) for r in recipients) if a]
     rcpts += [a for a in addresses(msg, "To", "Cc") if a not in rcpts]
-    index = SqlCaseIndex(session, hub.domain, partner_domains(hub))
+    index = SqlCaseIndex(session, hub.domain)  # partners matter only when the message is stored
     refs = parse_msgid_list(" ".join(raw_headers(msg, "References")))
     irt = parse_msgid_list(" ".join(raw_headers(msg, "In-Reply-To")))
-    subject = incoming_from_message(msg, hub.domain).subject
+    subject = safe_header(msg, "Subject")
     case_id, reason = outbound_case(index, subject, rcpts, refs, irt)
     if case_id is None:
         return None
@@ -199,8 +209,9 @@ def file_outbound(session: Session, hub: Any, raw: bytes, sender: str, recipient
     patient = case_patient(session, case_id)
     row = file_message(session, hub.sealer, raw=raw, direction="out", case_id=case_id,
                        protection=protection or NO_PROTECTION, thread_reason=reason,
-                       hub_domain=hub.domain, index=index, patient_email=patient.email,
-                       envelope_from=sender, envelope_to=rcpts, msg=msg)
+                       hub_domain=hub.domain, patient_email=patient.email,
+                       index=SqlCaseIndex(session, hub.domain, partner_domains(hub)),
+                       envelope_from=sender, envelope_to=rcpts, msg=parse_message(raw))
     if row is not None:
         prot = protection or NO_PROTECTION
         audit.append(session, actor, "filed", message_id=row.message_id, case_id=case_id,

@@ -26,7 +26,7 @@ from email.parser import BytesParser
 from email.policy import compat32
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailhub.crypto.protection import Protection
@@ -53,6 +53,7 @@ MAX_RECIPIENTS = 500
 _LINE_END = re.compile(rb"\r\n|\r")
 _SPLIT = re.compile(rb"\r?\n\r?\n")
 _INSERT_CHUNK = 400
+_BLANK_LINE = re.compile(rb"\n[\r\n]|\r\r")
 _BRACKETED = re.compile(r'<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>')
 
 
@@ -80,6 +81,19 @@ def parse_message(raw: bytes) -> Message:
     return BytesParser(policy=compat32).parsebytes(raw)
 
 
+def parse_headers(raw: bytes) -> Message:
+    """The header section alone, parsed exactly as ``parse_message`` parses it (the payload is
+    left out): enough to decide a message's case without reading a large body.
+
+    Only a prefix is handed to the parser: up to the first empty line, which starts at the
+    first ``LF LF``, ``LF CR`` or ``CR CR`` (a lone ``CR LF`` is one line end, never two);
+    the headers end there at the latest, so the parser sees every header line it would see
+    in the whole message."""
+    found = _BLANK_LINE.search(raw)
+    head = raw if found is None else raw[: found.end() + 1]
+    return BytesParser(policy=compat32).parsebytes(head, headersonly=True)
+
+
 def subject_aad(digest: str) -> bytes:
     return b"mailhub:subject:" + digest.encode()
 
@@ -102,6 +116,19 @@ def _domain_matches(domain: str, wanted: set[str]) -> bool:
     return any(".".join(labels[i:]) in wanted for i in range(len(labels)))
 
 
+# Built once: the index answers these for every message, and building a statement costs more
+# than running it (SQLAlchemy caches the compiled form; the values are bound parameters).
+_CASE_EXISTS = select(Case.id).where(Case.id == bindparam("cid"))  # type: ignore[arg-type]
+_CASES_FOR_KEYS = (select(StoredMessage.message_id_norm, StoredMessage.case_id)
+                   .where(StoredMessage.message_id_norm.in_(  # type: ignore[attr-defined]
+                       bindparam("keys", expanding=True)))
+                   .order_by(StoredMessage.id))  # type: ignore[arg-type]
+_OPEN_CASES = (select(Case.id).join(Patient, Patient.id == Case.patient_id)  # type: ignore[arg-type]
+               .where(Patient.email == bindparam("email"), Case.status != "closed",
+                      Case.merged_into.is_(None))  # type: ignore[union-attr]
+               .order_by(Case.created_at, Case.id))
+
+
 class SqlCaseIndex:
     """``threading.CaseIndex`` over the case store, one indexed query per question."""
 
@@ -112,7 +139,7 @@ class SqlCaseIndex:
         self.partners = {d.strip().rstrip(".").lower() for d in partner_domains if d.strip()}
 
     def case_exists(self, case_id: str) -> bool:
-        found = self.session.execute(select(Case.id).where(Case.id == case_id)).first()  # type: ignore[arg-type]
+        found = self.session.execute(_CASE_EXISTS, {"cid": case_id}).first()
         return found is not None
 
     def cases_for_message_ids(self, msgids: list[str]) -> dict[str, str]:
@@ -120,10 +147,7 @@ class SqlCaseIndex:
         by_key = {msgid_key(m): m for m in msgids}
         out: dict[str, str] = {}
         for chunk in _chunks(list(by_key)):
-            stmt = (select(StoredMessage.message_id_norm, StoredMessage.case_id)
-                    .where(StoredMessage.message_id_norm.in_(chunk))  # type: ignore[attr-defined]
-                    .order_by(StoredMessage.id))  # type: ignore[arg-type]
-            for key, case_id in self.session.execute(stmt):
+            for key, case_id in self.session.execute(_CASES_FOR_KEYS, {"keys": chunk}):
                 out.setdefault(by_key[key], case_id)
         return out
 
@@ -137,11 +161,7 @@ class SqlCaseIndex:
         norm = normalize_address(address)
         if norm is None:
             return []
-        stmt = (select(Case.id).join(Patient, Patient.id == Case.patient_id)  # type: ignore[arg-type]
-                .where(Patient.email == norm, Case.status != "closed",
-                       Case.merged_into.is_(None))  # type: ignore[union-attr]
-                .order_by(Case.created_at, Case.id))
-        return list(self.session.execute(stmt).scalars())
+        return list(self.session.execute(_OPEN_CASES, {"email": norm}).scalars())
 
     def is_participant(self, case_id: str, address: str) -> bool:
         norm = normalize_address(address)

@@ -63,6 +63,8 @@ _SEAL_PAYLOAD = (update(Payload.__table__)  # type: ignore[attr-defined]
 _T = OutboundItem.__table__  # type: ignore[attr-defined]
 _INSERT_ITEM = insert(_T)
 _EXISTING = select(_T.c.recipient).where(_T.c.source_id == bindparam("sid"))
+_P = Payload.__table__  # type: ignore[attr-defined]
+_SEALED = select(_P.c.id, _P.c.sealed).where(_P.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def insert_payload(session: Session, data: bytes, sealer: Sealer) -> int:
@@ -205,13 +207,17 @@ def claim_due_in(session: Session, limit: int, now: datetime | None = None,
             for r in rows]
 
 
-def load_payloads(engine: Engine, ids: Iterable[int]) -> dict[int, bytes]:
-    ids = sorted(set(ids))
-    if not ids:
+def sealed_payloads_in(session: Session, ids: Iterable[int]) -> dict[int, bytes]:
+    """Payload id -> sealed bytes (plain rows, no ORM objects: read for every delivery)."""
+    wanted = sorted(set(ids))
+    if not wanted:
         return {}
+    return {int(pid): sealed for pid, sealed in session.execute(_SEALED, {"ids": wanted})}
+
+
+def load_payloads(engine: Engine, ids: Iterable[int]) -> dict[int, bytes]:
     with Session(engine) as session:
-        rows = session.exec(select(Payload).where(Payload.id.in_(ids)))  # type: ignore[union-attr]
-        return {p.id: p.sealed for p in rows}  # type: ignore[misc]
+        return sealed_payloads_in(session, ids)
 
 
 def mark_sent_in(session: Session, ids: list[int], reply: str = "") -> None:

@@ -20,13 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
 from mailhub.deliver.smtp_client import SendResult, SmtpConnection
 from mailhub.spool.spool import Sealer
-from mailhub.store.models import Payload, utcnow
+from mailhub.store.models import utcnow
 
 log = logging.getLogger("mailhub.deliver")
 
@@ -159,9 +159,7 @@ class DeliveryWorker:
 
     def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, bytes]]:
         claimed = queue.claim_due_in(session, self.batch)
-        ids = sorted({c.payload_id for c in claimed})
-        rows = session.exec(select(Payload).where(Payload.id.in_(ids))) if ids else []  # type: ignore[union-attr]
-        return claimed, {p.id: p.sealed for p in rows}  # type: ignore[misc]
+        return claimed, queue.sealed_payloads_in(session, (c.payload_id for c in claimed))
 
     def run_batch(self) -> int:
         """Claim and dispatch one batch (blocking); returns once at most ``workers`` rows are

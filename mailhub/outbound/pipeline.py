@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,13 @@ from mailhub.crypto.engine import CryptoEngine, ProtectJob
 from mailhub.deliver.queue import GroupCommit
 from mailhub.errors import MailhubError
 from mailhub.outbound.queueing import QueueWriter, RowSpec
-from mailhub.parse.rawheaders import get_header, prepend_headers, remove_headers
+from mailhub.parse.rawheaders import (
+    field_name,
+    get_header,
+    prepend_headers,
+    remove_headers,
+    split_message,
+)
 from mailhub.policy.outbound import OutboundDecision, RecipientContext, decide_recipient
 from mailhub.policy.trace import log_decision, trace_to_json
 from mailhub.spool.spool import SpooledMessage
@@ -49,15 +56,32 @@ class Prepared:
     case_id: str | None = None
 
 
+_UNFOLD = re.compile(rb"\r?\n[ \t]+")
+
+
+def first_values(raw: bytes, names: tuple[str, ...]) -> dict[str, str]:
+    """The first value of each named header (lower-case names), as ``get_header`` gives it,
+    from one pass over the header block (every message needs several)."""
+    out: dict[str, str] = {}
+    fields, _, _ = split_message(raw)
+    for f in fields:
+        name = field_name(f)
+        if name in names and name not in out:
+            value = f.split(b":", 1)[1] if b":" in f else b""
+            out[name] = _UNFOLD.sub(b" ", value).strip().decode("utf-8", "replace")
+    return out
+
+
 def ensure_headers(raw: bytes, domain: str) -> tuple[bytes, str]:
     """Keep the client's Message-ID; add one (and a Date) only when missing; drop Bcc."""
     raw = remove_headers(raw, {"bcc", "mailhub-protection"})
     added: list[tuple[str, str]] = []
-    message_id = (get_header(raw, "Message-ID") or "").strip()
+    found = first_values(raw, ("message-id", "date"))
+    message_id = found.get("message-id", "").strip()
     if not message_id:
         message_id = make_msgid(domain=domain)
         added.append(("Message-ID", message_id))
-    if not get_header(raw, "Date"):
+    if not found.get("date"):
         added.append(("Date", format_datetime(time_now())))
     return (prepend_headers(raw, added) if added else raw), message_id
 
@@ -69,7 +93,8 @@ def time_now():  # type: ignore[no-untyped-def]
 
 
 def visible_recipients(raw: bytes) -> set[str]:
-    values = [get_header(raw, name) or "" for name in ("To", "Cc")]
+    found = first_values(raw, ("to", "cc"))
+    values = [found.get(name, "") for name in ("to", "cc")]
     return {addr.lower() for _, addr in getaddresses(values) if addr}
 
 

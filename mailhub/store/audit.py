@@ -41,6 +41,7 @@ ACTIONS = ("accepted", "decrypted", "filed", "encrypted", "held", "sent", "refus
            "dropped", "failed", "key-imported", "key-changed", "case-opened", "case-merged",
            "scheduled", "rules-reloaded")
 _ACTION = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+_NOT_LETTER = re.compile(r"[^a-z]")
 _PG_LOCK_KEY = 0x6D61696C687562  # "mailhub": the advisory lock that serialises the chain
 _FORBIDDEN_KEYS = {"body", "content", "payload", "html", "password", "passwd", "passphrase",
                    "secret", "privatekey", "keydata", "armor", "armored"}
@@ -98,12 +99,21 @@ def _fmt_at(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def canonical(entry: AuditEntry) -> bytes:
+def _canonical_values(values: Mapping[str, Any]) -> bytes:
     """The bytes an entry's hash covers: every field but ``hash``, as sorted compact JSON."""
-    data = {"seq": entry.seq, "at": _fmt_at(entry.at), "actor": entry.actor,
-            "action": entry.action, "message_id": entry.message_id, "case_id": entry.case_id,
-            "detail": entry.detail, "prev_hash": entry.prev_hash}
+    data = {"seq": values["seq"], "at": _fmt_at(values["at"]), "actor": values["actor"],
+            "action": values["action"], "message_id": values["message_id"],
+            "case_id": values["case_id"], "detail": values["detail"],
+            "prev_hash": values["prev_hash"]}
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def canonical(entry: AuditEntry) -> bytes:
+    """The bytes an entry's hash covers (see ``_canonical_values``)."""
+    return _canonical_values({"seq": entry.seq, "at": entry.at, "actor": entry.actor,
+                              "action": entry.action, "message_id": entry.message_id,
+                              "case_id": entry.case_id, "detail": entry.detail,
+                              "prev_hash": entry.prev_hash})
 
 
 def entry_hash(entry: AuditEntry) -> str:
@@ -113,7 +123,7 @@ def entry_hash(entry: AuditEntry) -> str:
 def _check_detail(value: Any, path: str = "detail") -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():
-            if re.sub(r"[^a-z]", "", str(k).lower()) in _FORBIDDEN_KEYS:
+            if _NOT_LETTER.sub("", str(k).lower()) in _FORBIDDEN_KEYS:
                 raise AuditError(f"audit {path}.{k} may hold a body, key or password",
                                  hint="record facts about the message (ids, addresses, "
                                  "fingerprints, reasons), never its content or secrets")
@@ -150,28 +160,37 @@ def _clip_message_id(message_id: str | None) -> str | None:
     return f"{message_id[:MAX_MESSAGE_ID - 20]}...#{digest}"
 
 
-def _lock_head(session: Session) -> AuditHead:
+_INSERT_ENTRY = AuditEntry.__table__.insert()  # type: ignore[attr-defined]
+_HEAD = AuditHead.__table__  # type: ignore[attr-defined]
+_READ_HEAD = text("SELECT seq, hash FROM audit_head WHERE id = 1")
+_READ_HEAD_FOR_UPDATE = text("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+_SET_HEAD = text("UPDATE audit_head SET seq = :seq, hash = :hash WHERE id = 1")
+
+
+def _lock_head(session: Session) -> tuple[int, str]:
     """Take the chain lock for this transaction and return the head (created on first use)."""
     dialect = session.get_bind().dialect.name
     conn = session.connection()
-    if dialect == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-    elif dialect == "sqlite":
+    if dialect == "sqlite":
         conn.execute(text("UPDATE audit_head SET seq = seq WHERE id = 1"))
-    stmt = (select(AuditHead).where(AuditHead.id == 1).with_for_update()
-            .execution_options(populate_existing=True))
-    head = session.scalars(stmt).first()
-    if head is None:
-        head = AuditHead(id=1, seq=0, hash=GENESIS)
-        session.add(head)
-    return head
+        row = conn.execute(_READ_HEAD).first()
+    else:
+        if dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        row = conn.execute(_READ_HEAD_FOR_UPDATE).first()
+    if row is None:
+        conn.execute(_HEAD.insert(), {"id": 1, "seq": 0, "hash": GENESIS})
+        return 0, GENESIS
+    return int(row[0]), str(row[1])
 
 
 def append(session: Session, actor: str, action: str, *, message_id: str | None = None,
            case_id: str | None = None, detail: Mapping[str, Any] | None = None) -> AuditEntry:
     """Add one entry at the end of the chain, in the caller's transaction (caller commits).
 
-    The chain lock is held until that transaction ends, so commit promptly.
+    The chain lock is held until that transaction ends, so commit promptly. The entry and the
+    head are written with plain SQL (this runs several times for every message); the returned
+    ``AuditEntry`` is a snapshot, not attached to the session.
     """
     if not _ACTION.match(action or ""):
         raise AuditError(f"audit action {action!r} is not a lower-case word",
@@ -179,23 +198,27 @@ def append(session: Session, actor: str, action: str, *, message_id: str | None 
     if not actor or not actor.strip():
         raise AuditError("audit actor is empty", hint="name who acted: 'smtp-inbound', a user...")
     detail_text = _detail_json(detail)
+    session.flush()  # the caller's pending ORM objects go first, as they always did
+    conn = session.connection()  # begins the transaction now, so ``tx`` below is never None
     # The chain lock lasts until the transaction ends: take it (and read the head) once per
-    # transaction, not once per entry; later entries in the same transaction reuse the head.
-    tx = session.get_transaction()
+    # transaction, not once per entry; later entries reuse the head this function keeps. The
+    # head is keyed by the innermost transaction: entering or leaving a savepoint (released or
+    # rolled back) re-reads it from the database, so a rolled-back entry is never chained to.
+    tx = session.get_nested_transaction() or session.get_transaction()
     cached = session.info.get("audit_head")
-    if cached is not None and cached[0] is tx and cached[1] in session:
-        head = cached[1]
+    if tx is not None and cached is not None and cached[0] is tx:
+        seq, prev = cached[1], cached[2]
     else:
-        head = _lock_head(session)
-        session.info["audit_head"] = (tx, head)
-    entry = AuditEntry(seq=head.seq + 1, at=datetime.now(UTC).replace(tzinfo=None),
-                       actor=actor.strip(), action=action, message_id=_clip_message_id(message_id),
-                       case_id=case_id, detail=detail_text, prev_hash=head.hash, hash="")
-    entry.hash = entry_hash(entry)
-    head.seq, head.hash = entry.seq or 0, entry.hash
-    session.add(entry)
-    session.flush()
-    return entry
+        seq, prev = _lock_head(session)
+    values: dict[str, Any] = {
+        "seq": seq + 1, "at": datetime.now(UTC).replace(tzinfo=None), "actor": actor.strip(),
+        "action": action, "message_id": _clip_message_id(message_id), "case_id": case_id,
+        "detail": detail_text, "prev_hash": prev}
+    values["hash"] = hashlib.sha256(_canonical_values(values)).hexdigest()
+    conn.execute(_INSERT_ENTRY, values)
+    conn.execute(_SET_HEAD, {"seq": values["seq"], "hash": values["hash"]})
+    session.info["audit_head"] = (tx, values["seq"], values["hash"])
+    return AuditEntry(**values)
 
 
 def iter_entries(session: Session, *, message_id: str | None = None,
