@@ -66,7 +66,7 @@ class Hub:
     def policy_cache(self):  # type: ignore[no-untyped-def]
         from mailhub.policy.rules import PolicyCache
 
-        return PolicyCache(self.config.hub.rules_dir)
+        return PolicyCache(self.config.hub.rules_dir, check_every=1.0)
 
     @cached_property
     def key_snapshot(self):  # type: ignore[no-untyped-def]

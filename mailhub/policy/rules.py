@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +334,9 @@ class PolicyCache:
     """
 
     rules_dir: Path
+    check_every: float = 0.0  # seconds between directory scans (the serving hub uses 1 s)
     last_error: RuleError | None = None
+    _checked: float = field(default=0.0, repr=False)
     _policy: Policy | None = field(default=None, repr=False)
     _stamp: tuple[tuple[str, int, int, int], ...] | None = field(default=None, repr=False)
     _failed_stamp: tuple[tuple[str, int, int, int], ...] | None = field(default=None, repr=False)
@@ -357,6 +360,10 @@ class PolicyCache:
     def current(self) -> Policy:
         """The policy in force now; reloads first when the files changed."""
         with self._lock:
+            now = time.monotonic()
+            if self._policy is not None and now - self._checked < self.check_every:
+                return self._policy
+            self._checked = now
             stamp = self._scan()
             if self._policy is not None and stamp in (self._stamp, self._failed_stamp):
                 return self._policy

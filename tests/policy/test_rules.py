@@ -224,3 +224,18 @@ def test_cache_first_load_raises(tmp_path: Path) -> None:
     write(tmp_path, "policy.toml", "[[nonsense]]\n")
     with pytest.raises(RuleError, match="nonsense"):
         PolicyCache(tmp_path).current()
+
+
+def test_cache_scans_at_most_every_check_every(tmp_path: Path) -> None:
+    """A serving hub does not stat the rules folder for every message (check_every)."""
+    import time as _time
+
+    from mailhub.policy.rules import PolicyCache
+
+    (tmp_path / "policy.toml").write_text('[[plaintext]]\naddress = "a@b.example"\n')
+    cache = PolicyCache(tmp_path, check_every=3600)
+    first = cache.current()
+    (tmp_path / "more.toml").write_text('[[plaintext]]\naddress = "c@d.example"\n')
+    assert cache.current() is first  # within the interval: no rescan
+    cache._checked = _time.monotonic() - 7200
+    assert len(cache.current().plaintext) == 2  # after it: the new file applies
