@@ -98,7 +98,14 @@ def test_case_collects_the_whole_conversation(short_tmp: Path, sink: tuple[SinkH
                 c.select_folder(folders[0], readonly=True)
                 return len(c.search("ALL"))
 
-        wait_until(lambda: folder_count() >= 4, timeout=90)
+        def inbox_empty() -> bool:
+            with IMAPClient("127.0.0.1", dovecot.port, ssl=False) as c:
+                c.login(dovecot.username, dovecot.password)
+                c.select_folder("INBOX", readonly=True)
+                return c.search("ALL") == []
+
+        # appended to the case folder first, removed from INBOX after: wait for both
+        wait_until(lambda: folder_count() >= 4 and inbox_empty(), timeout=90)
     finally:
         hub.stop()
 
@@ -112,8 +119,6 @@ def test_case_collects_the_whole_conversation(short_tmp: Path, sink: tuple[SinkH
     assert by_id["<answer@clinic-a.example>"]["signature"] == "verified"
     with IMAPClient("127.0.0.1", dovecot.port, ssl=False) as c:
         c.login(dovecot.username, dovecot.password)
-        c.select_folder("INBOX", readonly=True)
-        assert c.search("ALL") == []  # taken out of the watched folder once stored
         folder = [f for f in c.list_folders() if case_id in f[2]][0]
         assert folder[2].endswith(f"{case_id} Ana Souza")
 

@@ -61,8 +61,9 @@ def test_idle_wakes_the_watcher_without_waiting_for_the_poll(
     passes = watcher.stats.passes
     msg = make_message(CASE, PATIENT, "idle")
     drop(dovecot, msg)  # only IDLE can bring this in: the next poll is an hour away
-    wait_until(lambda: filed_exactly_once(dovecot, msg), what="IDLE to deliver the message")
-    assert folder_bodies(dovecot, "INBOX") == []
+    # filed, then removed from INBOX, then the pass ends: wait for all three (no race)
+    wait_until(lambda: filed_exactly_once(dovecot, msg) and folder_bodies(dovecot, "INBOX") == []
+               and watcher.stats.passes > passes, what="IDLE to deliver the message")
     assert watcher.stats.reconnects == 0 and watcher.stats.passes == passes + 1
 
 
@@ -115,8 +116,8 @@ def test_dovecot_restart_while_idle(
     later = [make_message(CASE, PATIENT, f"after restart {i}") for i in range(3)]
     drop(dovecot, *later)
 
-    wait_until(lambda: filed_exactly_once(dovecot, first, *later), what="messages after restart")
-    assert folder_bodies(dovecot, "INBOX") == []
+    wait_until(lambda: filed_exactly_once(dovecot, first, *later)
+               and folder_bodies(dovecot, "INBOX") == [], what="messages after restart")
     assert watcher.stats.reconnects >= 1
     assert len(memory_hub.origins) == 4 and len(memory_hub.store) == 4  # each ingested once
 
@@ -134,8 +135,8 @@ def test_dovecot_restart_between_ingest_and_append(
     dovecot.restart(graceful=False)  # the server dies while the hub holds the message
     hub.proceed.set()
 
-    wait_until(lambda: filed_exactly_once(dovecot, gated, *messages), what="all messages")
-    assert folder_bodies(dovecot, "INBOX") == []
+    wait_until(lambda: filed_exactly_once(dovecot, gated, *messages)
+               and folder_bodies(dovecot, "INBOX") == [], what="all messages")
     assert watcher.stats.reconnects >= 1
     assert len(hub.store) == 4  # the re-ingest of the gated message was deduplicated
 
