@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from mailhub.crypto.atrest import fsync_dir
 from mailhub.errors import StoreError
 
 LISTENERS = ("submission", "inbound", "scheduler", "imap")
@@ -54,14 +55,6 @@ class SpooledMessage:
 def new_spool_id() -> str:
     """Sortable by time, unique without coordination between processes or instances."""
     return f"{time.time_ns():x}-{secrets.token_hex(5)}"
-
-
-def fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class DirSync:
