@@ -59,12 +59,13 @@ def admin(url: str, sql: str) -> None:
 class Instance:
     """A real ``mailhub init`` instance in a temporary folder, on SQLite or PostgreSQL."""
 
-    def __init__(self, db: str) -> None:
+    def __init__(self, db: str, name: str = "hub") -> None:
         if db not in ("sqlite", "postgresql") and not db.startswith("postgresql"):
             raise SystemExit(f"--db must be sqlite, postgresql or a postgresql URL, not {db!r}")
         self.root = Path(tempfile.mkdtemp(prefix="mhfb", dir="/tmp"))
         self.pg_server: Any = None
         self.pg_admin_url = self.pg_db = ""
+        self.name = name
         try:
             self._make(db)
         except BaseException:
@@ -72,11 +73,11 @@ class Instance:
             raise
 
     def _make(self, db: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "mailhub", "init", str(self.root / "hub")],
+        proc = subprocess.run([sys.executable, "-m", "mailhub", "init", str(self.root / self.name)],
                               capture_output=True, text=True, timeout=600, cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(f"mailhub init failed: {proc.stderr}")
-        self.config = self.root / "hub" / "config.toml"
+        self.config = self.root / self.name / "config.toml"
         self.label = "SQLite (WAL, synchronous=FULL)"
         if db == "postgresql":
             from tests.pgserver import PgServer
@@ -194,51 +195,65 @@ class QueryTimer:
                   + (" (PostgreSQL scans tables of a few pages on purpose)" if pg else ""))
 
 
-def file_all(inst: Instance, flow: MailFlow, args: argparse.Namespace,
-             timer: QueryTimer | None) -> dict[str, Any]:
-    """File every planned message, one session and transaction each; per-message seconds."""
+def file_one(hub: Any, planned: Planned, prof: cProfile.Profile | None = None
+             ) -> tuple[Any, float, float, float]:
+    """File one message as the inbound listener does (its own session and transaction);
+    the result, and its wall, commit and process CPU seconds."""
     from sqlmodel import Session
 
     from mailhub.cases.filing import file_inbound
 
-    hub = inst.hub
+    c0, t0 = time.process_time(), time.perf_counter()
+    if prof is not None:
+        prof.enable()
+    with Session(hub.engine, expire_on_commit=False) as session:
+        result = file_inbound(session, hub, planned.raw, planned.protection,
+                              envelope_from=planned.envelope_from,
+                              recipients=planned.recipients, actor="inbound:bench")
+        t1 = time.perf_counter()
+        session.commit()
+    if prof is not None:
+        prof.disable()
+    t2 = time.perf_counter()
+    return result, t2 - t0, t2 - t1, time.process_time() - c0
+
+
+def file_all(inst: Instance, flow: MailFlow, args: argparse.Namespace,
+             timer: QueryTimer | None, twin: Instance | None,
+             twin_flow: MailFlow | None) -> dict[str, Any]:
+    """File every planned message; per-message seconds. With a twin (an empty instance), the
+    first 10% of the same flow is filed into it interleaved with the last 10%: the empty-store
+    cost measured at the same moment, whatever the machine does meanwhile."""
     n = args.messages
     tenth = max(1, n // 10)
-    costs: list[float] = []
-    cpu: list[float] = []  # process CPU per message: what contention on the machine does not add
-    commits: list[float] = []
+    times: dict[str, list[float]] = defaultdict(list)
     reasons: Counter[str] = Counter()
     mix: dict[str, Counter[str]] = {"first": Counter(), "last": Counter()}
     misfiled: Counter[str] = Counter()
     profiles = {"first": cProfile.Profile(), "last": cProfile.Profile()} if args.profile else {}
+    twin_messages = twin_flow.messages(tenth) if twin_flow is not None else iter(())
     started = time.perf_counter()
     for i, planned in enumerate(flow.messages(n)):
         phase = "first" if i < tenth else "last" if i >= n - tenth else ""
         if timer is not None:
             timer.phase = phase
-        prof = profiles.get(phase)
-        c0, t0 = time.process_time(), time.perf_counter()
-        if prof is not None:
-            prof.enable()
-        with Session(hub.engine, expire_on_commit=False) as session:
-            result = file_inbound(session, hub, planned.raw, planned.protection,
-                                  envelope_from=planned.envelope_from,
-                                  recipients=planned.recipients, actor="inbound:bench")
-            t1 = time.perf_counter()
-            session.commit()
-        if prof is not None:
-            prof.disable()
-        t2 = time.perf_counter()
-        costs.append(t2 - t0)
-        commits.append(t2 - t1)
-        cpu.append(time.process_time() - c0)
+        result, wall, commit, cpu = file_one(inst.hub, planned, profiles.get(phase))
+        times["wall"].append(wall)
+        times["commit"].append(commit)
+        times["cpu"].append(cpu)
         reasons[result.reason] += 1
         if phase:
             mix[phase][result.reason] += 1
         check(flow, planned, result, misfiled)
+        if phase == "last" and twin is not None and twin_flow is not None:
+            other = next(twin_messages)
+            result, wall, _, cpu = file_one(twin.hub, other)
+            times["twin wall"].append(wall)
+            times["twin cpu"].append(cpu)
+            check(twin_flow, other, result, misfiled)
         if args.progress and (i + 1) % args.progress == 0:
             done = time.perf_counter() - started
-            recent = statistics.mean(costs[-args.progress:]) * 1000
+            recent = statistics.mean(times["wall"][-args.progress:]) * 1000
             print(f"  {i + 1:>8,} filed, {done:7.1f} s, last {args.progress:,}: "
                   f"{recent:.2f} ms/message", flush=True)
     if timer is not None:
@@ -247,8 +262,8 @@ def file_all(inst: Instance, flow: MailFlow, args: argparse.Namespace,
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
         print(f"  cProfile, {name} 10%:\n{out.getvalue()}")
-    return {"costs": costs, "cpu": cpu, "commits": commits, "reasons": reasons,
-            "misfiled": misfiled, "mix": mix, "wall": time.perf_counter() - started}
+    return {"times": times, "reasons": reasons, "misfiled": misfiled, "mix": mix,
+            "wall": time.perf_counter() - started}
 
 
 def check(flow: MailFlow, planned: Planned, result: Any, misfiled: Counter[str]) -> None:
@@ -276,7 +291,8 @@ def show_big_case(inst: Instance, case_id: str, repeat: int = 5) -> dict[str, fl
 
     hub = inst.hub
     sealer = hub.sealer
-    cols = [c for c in StoredMessage.__table__.columns if c.name != "body_sealed"]  # type: ignore[attr-defined]
+    table = StoredMessage.__table__  # type: ignore[attr-defined]
+    cols = [c for c in table.columns if c.name != "body_sealed"]
     stmt = select(*cols).where(StoredMessage.case_id == case_id)  # type: ignore[arg-type]
     out: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeat + 1):  # the first round warms caches and is dropped
@@ -313,6 +329,9 @@ def main() -> None:
                     help="time every SQL statement, first vs last 10%% (adds a little overhead)")
     ap.add_argument("--profile", action="store_true", help="cProfile the first and last 10%%")
     ap.add_argument("--keep", action="store_true", help="keep the instance and its database")
+    ap.add_argument("--no-twin", action="store_true",
+                    help="do not file the first 10%% again into an empty instance, interleaved "
+                         "with the last 10%% (saves a tenth of the run)")
     args = ap.parse_args()
     if args.messages < args.cases + args.big or args.cases < 2:
         raise SystemExit("--messages must be at least --cases + --big, and --cases at least 2")
@@ -321,23 +340,30 @@ def main() -> None:
     inst = Instance(args.db)
     print(f"filing benchmark: {args.messages:,} messages into {args.cases:,} cases, "
           f"{inst.label}; instance made by 'mailhub init' in {time.perf_counter() - t_init:.1f} s")
+    twin: Instance | None = None
     try:
+        if not args.no_twin:  # on the same PostgreSQL server when there is one
+            twin = Instance(inst.pg_admin_url or "sqlite", name="twin")
         floor = commit_floor(inst)
         flow = MailFlow(args.messages, args.cases, args.big, args.seed, inst.hub.domain)
+        twin_flow = None if twin is None else MailFlow(args.messages, args.cases, args.big,
+                                                        args.seed, twin.hub.domain)
         timer = QueryTimer(inst.hub.engine) if args.per_query else None
-        res = file_all(inst, flow, args, timer)
+        res = file_all(inst, flow, args, timer, twin, twin_flow)
         shown = show_big_case(inst, flow.case_ids[0])
-        report(args, res, floor, shown, flow)
+        report(res, floor, shown, flow)
         if timer is not None:
             timer.report("first", "last")
             timer.explain()
     finally:
+        if twin is not None:
+            twin.close(keep=False)
         inst.close(args.keep)
 
 
-def report(args: argparse.Namespace, res: dict[str, Any], floor: float,
-           shown: dict[str, float], flow: MailFlow) -> None:
-    costs = res["costs"]
+def report(res: dict[str, Any], floor: float, shown: dict[str, float], flow: MailFlow) -> None:
+    t = res["times"]
+    costs = t["wall"]
     tenth = max(1, len(costs) // 10)
     first, last = costs[:tenth], costs[-tenth:]
     total = sum(costs)
@@ -347,25 +373,32 @@ def report(args: argparse.Namespace, res: dict[str, Any], floor: float,
             return statistics.mean(values) * 1000
         return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
 
+    def ratio(a: list[float], b: list[float]) -> float:
+        return statistics.mean(a) / statistics.mean(b)
+
     print(f"  filed {len(costs):,} messages in {total:.1f} s of filing "
-          f"({res['wall']:.1f} s wall, with generating the mail)")
+          f"({res['wall']:.1f} s wall, with generating the mail and the twin)")
     print(f"  threading: {dict(res['reasons'].most_common())}")
     print(f"  misfiled: {dict(res['misfiled']) or 'none'}")
     for name in ("first", "last"):
         print(f"  mix of the {name} 10%: {dict(sorted(res['mix'][name].items()))}")
-    print(f"  first 10%: mean {ms(first):.3f} ms, p50 {ms(first, .5):.3f} ms, "
-          f"p90 {ms(first, .9):.3f} ms, p99 {ms(first, .99):.3f} ms")
-    print(f"  last 10%:  mean {ms(last):.3f} ms, p50 {ms(last, .5):.3f} ms, "
-          f"p90 {ms(last, .9):.3f} ms, p99 {ms(last, .99):.3f} ms")
-    ratio = statistics.mean(last) / statistics.mean(first)
-    split = [(what, res[key][:tenth], res[key][-tenth:])
-             for what, key in (("commit", "commits"), ("process CPU", "cpu"))]
-    for what, a, b in split:
+    for name, part in (("first 10%", first), ("last 10% ", last)):
+        print(f"  {name}: mean {ms(part):.3f} ms, p50 {ms(part, .5):.3f} ms, "
+              f"p90 {ms(part, .9):.3f} ms, p99 {ms(part, .99):.3f} ms")
+    for what, key in (("commit", "commit"), ("process CPU", "cpu")):
+        a, b = t[key][:tenth], t[key][-tenth:]
         print(f"    of which {what}: first {ms(a):.3f} ms, last {ms(b):.3f} ms "
-              f"(ratio {statistics.mean(b) / statistics.mean(a):.3f})")
-    print(f"    ratio last/first 10% (mean): {ratio:.3f}  (target <= 1.2: "
-          f"{'met' if ratio <= 1.2 else 'NOT met'}); p50: "
+              f"(ratio {ratio(b, a):.3f})")
+    r = ratio(last, first)
+    print(f"    ratio last/first 10% (mean): {r:.3f}  (target <= 1.2: "
+          f"{'met' if r <= 1.2 else 'NOT met'}); p50: "
           f"{statistics.median(last) / statistics.median(first):.3f}")
+    if t["twin wall"]:
+        print(f"  twin: the first 10% filed into an empty instance, interleaved with the last "
+              f"10%: mean {ms(t['twin wall']):.3f} ms, CPU {ms(t['twin cpu']):.3f} ms")
+        print(f"    ratio last 10% / twin (same moment, no machine drift): "
+              f"{ratio(last, t['twin wall']):.3f}; CPU "
+              f"{ratio(t['cpu'][-tenth:], t['twin cpu']):.3f}")
     print(f"  overall: {len(costs) / total:.0f} messages/s; reference, a bare one-row commit: "
           f"{floor * 1000:.3f} ms ({1 / floor:.0f}/s); ratio per-message cost / bare commit: "
           f"{total / len(costs) / floor:.2f}")

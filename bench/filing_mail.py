@@ -37,8 +37,8 @@ SUBJECTS = ("Question about my hip replacement", "Travel dates", "Hotel near the
             "Pre-op blood test results", "Flight booked", "Pain after the operation",
             "Follow-up appointment", "Invoice and deposit", "Medication list",
             "Dental implants quote", "Knee surgery inquiry", "Airport transfer")
-PREFIX = {"patient": ("Re: ", "Re: ", "AW: ", "RV: ", "SV: ", "回复: "), "clinic": ("RE: ", "Re: "),
-          "coord": ("Re: ",)}
+PREFIX = {"patient": ("Re: ", "Re: ", "AW: ", "RV: ", "SV: ", "回复: "),
+          "clinic": ("RE: ", "Re: "), "coord": ("Re: ",)}
 KINDS = (("patient-reply", 30), ("clinic-reply", 20), ("coord-tagged", 20),
          ("patient-fresh", 15), ("coord-reply", 12), ("late-parent", 3))
 PDF_B64 = base64.encodebytes(b"%PDF-1.4\n" + bytes(range(256)) * 96).replace(b"\n", b"\r\n")
