@@ -33,19 +33,28 @@ from mailhub.outbound.queueing import QueueWriter
 log = logging.getLogger("mailhub.serve")
 
 Processor = Callable[[str, str], Awaitable[None]]
+BatchProcessor = Callable[[str, list[str]], Awaitable[dict[str, BaseException]]]
 
 
 class SpoolRunner:
-    """Feeds spooled messages to their processor; a failing message is retried, then shunted."""
+    """Feeds spooled messages to their processor; a failing message is retried, then shunted.
+
+    Messages waiting together for a listener with a batch processor go to it together (up to
+    ``max_batch``): they share its thread hops, queries and commits. At most ``concurrency``
+    batches or single messages are in progress at once, so one batch's commit overlaps the
+    next one's preparation.
+    """
 
     def __init__(self, hub: Hub, processors: dict[str, Processor], concurrency: int = 8,
-                 max_failures: int = 5, retry_after: float = 30.0) -> None:
+                 max_failures: int = 5, retry_after: float = 30.0, max_batch: int = 32) -> None:
         self.hub = hub
         self.processors = processors
+        self.batch_processors: dict[str, BatchProcessor] = {}
         self.queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
         self.concurrency = concurrency
         self.max_failures = max_failures
         self.retry_after = retry_after
+        self.max_batch = max_batch
         self.failures: dict[str, int] = {}
         self.inflight: set[str] = set()
 
@@ -62,24 +71,37 @@ class SpoolRunner:
                 n += 1
         return n
 
-    async def _one(self, listener: str, spool_id: str) -> None:
+    async def _batch(self, listener: str, spool_ids: list[str]) -> None:
         try:
-            await self.processors[listener](listener, spool_id)
-            self.failures.pop(spool_id, None)
-        except FileNotFoundError:
-            pass  # already processed (another instance, or a replay)
-        except Exception:
-            count = self.failures.get(spool_id, 0) + 1
-            self.failures[spool_id] = count
-            log.exception("processing spool_id=%s failed (%d/%d)", spool_id, count,
-                          self.max_failures)
-            if count >= self.max_failures:
-                self.shunt(listener, spool_id)
+            if listener in self.batch_processors:
+                failed = await self.batch_processors[listener](listener, spool_ids)
             else:
-                asyncio.get_running_loop().call_later(self.retry_after, self.submit, listener,
-                                                      spool_id)
-        finally:
-            self.inflight.discard(spool_id)
+                results = await asyncio.gather(
+                    *(self.processors[listener](listener, sid) for sid in spool_ids),
+                    return_exceptions=True)
+                failed = {sid: r for sid, r in zip(spool_ids, results, strict=True)
+                          if isinstance(r, BaseException)}
+        except Exception as exc:  # noqa: BLE001 - the processor itself broke: all of them
+            failed = dict.fromkeys(spool_ids, exc)
+        for sid in spool_ids:
+            self.inflight.discard(sid)
+            exc = failed.get(sid)
+            if exc is None or isinstance(exc, FileNotFoundError):
+                self.failures.pop(sid, None)  # done (or already processed elsewhere)
+            else:
+                self._failed(listener, sid, exc)
+
+    def _failed(self, listener: str, spool_id: str, exc: BaseException) -> None:
+        count = self.failures.get(spool_id, 0) + 1
+        self.failures[spool_id] = count
+        log.error("processing spool_id=%s failed (%d/%d): %s", spool_id, count,
+                  self.max_failures, exc, exc_info=exc)
+        if count >= self.max_failures:
+            self.failures.pop(spool_id, None)
+            self.shunt(listener, spool_id)
+        else:
+            asyncio.get_running_loop().call_later(self.retry_after, self.submit, listener,
+                                                  spool_id)
 
     def shunt(self, listener: str, spool_id: str) -> None:
         """Move a message that keeps failing aside (still sealed); never drop it."""
@@ -90,13 +112,31 @@ class SpoolRunner:
             shutil.move(str(src), dst_dir / f"{listener}-{spool_id}.msg")
         log.error("shunted spool_id=%s to %s after repeated failures", spool_id, dst_dir)
 
+    def _take(self, first: tuple[str, str]) -> dict[str, list[str]]:
+        """The first message and whatever else is waiting, by listener, at most a batch each."""
+        groups: dict[str, list[str]] = {first[0]: [first[1]]}
+        held_back: list[tuple[str, str] | None] = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is None or len(groups.get(item[0], ())) >= self.max_batch:
+                held_back.append(item)
+                if item is None or len(held_back) > self.max_batch:
+                    break
+                continue
+            groups.setdefault(item[0], []).append(item[1])
+        for item in held_back:
+            self.queue.put_nowait(item)
+        return groups
+
     async def run(self, stop: asyncio.Event) -> None:
         sem = asyncio.Semaphore(self.concurrency)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def guarded(listener: str, sid: str) -> None:
-            async with sem:
-                await self._one(listener, sid)
+        async def guarded(listener: str, sids: list[str]) -> None:
+            try:
+                await self._batch(listener, sids)
+            finally:
+                sem.release()
 
         # stopping puts None in the queue: one await per message, not a wait() on two futures
         stopper = asyncio.ensure_future(stop.wait())
@@ -105,9 +145,13 @@ class SpoolRunner:
             item = await self.queue.get()
             if item is None:
                 break
-            task = asyncio.create_task(guarded(*item))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            await sem.acquire()  # wait for a slot first: meanwhile more messages gather
+            for listener, sids in self._take(item).items():
+                if listener != item[0]:
+                    await sem.acquire()
+                task = asyncio.create_task(guarded(listener, sids))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         stopper.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -138,8 +182,9 @@ class Server:
         self.processors: dict[str, Processor] = {"submission": self.pipeline.process}
         self.extra_tasks: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self.inbound_gate = None
-        self.runner = SpoolRunner(hub, self.processors,
-                                  concurrency=max(32, self.crypto.workers * 8))
+        # a few batches at a time: messages arriving meanwhile gather into the next batch
+        self.runner = SpoolRunner(hub, self.processors, concurrency=4)
+        self.runner.batch_processors["submission"] = self.pipeline.process_many
         self.throttle = FailureThrottle(free_failures=cfg.submission.auth_failures_before_delay)
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -242,6 +287,7 @@ def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
 
     care_plans(hub)  # validate every care plan at start-up: the error names file and step
     server.processors["scheduler"] = server.pipeline.process
+    server.runner.batch_processors["scheduler"] = server.pipeline.process_many
     dispatcher = Dispatcher(hub, process=server.pipeline.process, on_queued=server.delivery.wake)
     server.extra_tasks.append(dispatcher.run)
     if hub.config.imap.enabled:
@@ -279,15 +325,17 @@ def build_server(hub: Hub, *, crypto_workers: int | None = None) -> Server:
 
 
 def _outbound_case_hook(hub: Hub):  # type: ignore[no-untyped-def]
-    """Files a coordinator's message into its case; the record notes how it will travel."""
-    from mailhub.cases.filing import file_outbound
+    """Files coordinators' messages into their cases; each record notes how it will travel."""
+    from mailhub.cases.filing import OutboundItem, file_outbound_many
     from mailhub.crypto.protection import Protection
 
-    def hook(session, prep):  # type: ignore[no-untyped-def]
+    def protection(prep) -> Protection:  # type: ignore[no-untyped-def]
         methods = {d.method for d in prep.decisions.values() if d.action == "encrypt"}
         enc = methods.pop() if len(methods) == 1 else ("openpgp" if methods else "none")
-        prot = Protection(enc, "verified" if enc != "none" else "none")
-        return file_outbound(session, hub, prep.raw, prep.sender, list(prep.decisions),
-                             protection=prot)
+        return Protection(enc, "verified" if enc != "none" else "none")
+
+    def hook(session, preps):  # type: ignore[no-untyped-def]
+        return file_outbound_many(session, hub, [
+            OutboundItem(p.raw, p.sender, list(p.decisions), protection(p)) for p in preps])
 
     return hook

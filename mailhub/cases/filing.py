@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from mailhub.cases.prefetch import PrefetchedIndex
 from mailhub.cases.service import create_case, patient_of, resolve_merged
 from mailhub.cases.store import (
     SqlCaseIndex,
@@ -160,7 +161,7 @@ def file_inbound(session: Session, hub: Any, raw: bytes, protection: Protection 
                        decision.unverified_sender, False, decision.reason)
 
 
-def outbound_case(index: SqlCaseIndex, subject: str, recipients: list[str],
+def outbound_case(index: SqlCaseIndex | PrefetchedIndex, subject: str, recipients: list[str],
                   references: list[str], in_reply_to: list[str]) -> tuple[str | None, str]:
     """The case a coordinator's message belongs to, and why: a ``[ID]`` tag, a ``case+ID@``
     recipient, a known References/In-Reply-To id (last References entry first), or a
@@ -189,32 +190,76 @@ def outbound_case(index: SqlCaseIndex, subject: str, recipients: list[str],
     return None, ""
 
 
-def file_outbound(session: Session, hub: Any, raw: bytes, sender: str, recipients: Iterable[str],
-                  *, protection: Protection | None = None, actor: str = "outbound") -> str | None:
-    """Store a coordinator's case message; its case id, or None when it is not case mail.
+@dataclass(frozen=True)
+class OutboundItem:
+    """One coordinator message to file (``file_outbound_many``)."""
 
-    The case is decided from the headers alone (most submissions are not case mail): the
-    body is parsed only for a message that is stored."""
-    msg = parse_headers(raw)
-    rcpts = [a for a in (normalize_address(r) for r in recipients) if a]
+    raw: bytes
+    sender: str
+    recipients: list[str]
+    protection: Protection | None = None
+
+
+@dataclass(frozen=True)
+class _Heads:
+    recipients: list[str]
+    references: list[str]
+    in_reply_to: list[str]
+    subject: str
+
+
+def _outbound_heads(item: OutboundItem) -> _Heads:
+    """What decides an outbound message's case, from its header section alone."""
+    msg = parse_headers(item.raw)
+    rcpts = [a for a in (normalize_address(r) for r in item.recipients) if a]
     rcpts += [a for a in addresses(msg, "To", "Cc") if a not in rcpts]
-    index = SqlCaseIndex(session, hub.domain)  # partners matter only when the message is stored
     refs = parse_msgid_list(" ".join(raw_headers(msg, "References")))
     irt = parse_msgid_list(" ".join(raw_headers(msg, "In-Reply-To")))
-    subject = safe_header(msg, "Subject")
-    case_id, reason = outbound_case(index, subject, rcpts, refs, irt)
-    if case_id is None:
-        return None
+    return _Heads(rcpts, refs, irt, safe_header(msg, "Subject"))
+
+
+def file_outbound_many(session: Session, hub: Any, items: list[OutboundItem], *,
+                       actor: str = "outbound") -> list[str | None]:
+    """Store a batch of coordinators' messages; each one's case id, or None (not case mail).
+
+    The cases are decided from the headers alone with three queries for the whole batch (most
+    submissions are not case mail): a body is parsed only for a message that is stored."""
+    heads = [_outbound_heads(item) for item in items]
+    index = PrefetchedIndex(
+        session, hub.domain,
+        case_ids=[c for h in heads for c in (*find_case_tags(h.subject), *(
+            cid for cid in (case_address_id(r, hub.domain) for r in h.recipients) if cid))],
+        message_ids=[m for h in heads for m in (*h.references, *h.in_reply_to)],
+        emails=[r for h in heads for r in h.recipients])
+    out: list[str | None] = []
+    for item, h in zip(items, heads, strict=True):
+        case_id, reason = outbound_case(index, h.subject, h.recipients, h.references,
+                                        h.in_reply_to)
+        out.append(None if case_id is None else
+                   _store_outbound(session, hub, item, h, case_id, reason, actor))
+    return out
+
+
+def _store_outbound(session: Session, hub: Any, item: OutboundItem, heads: _Heads,
+                    case_id: str, reason: str, actor: str) -> str:
     case_id = resolve_merged(session, case_id)
     patient = case_patient(session, case_id)
-    row = file_message(session, hub.sealer, raw=raw, direction="out", case_id=case_id,
-                       protection=protection or NO_PROTECTION, thread_reason=reason,
+    prot = item.protection or NO_PROTECTION
+    row = file_message(session, hub.sealer, raw=item.raw, direction="out", case_id=case_id,
+                       protection=prot, thread_reason=reason,
                        hub_domain=hub.domain, patient_email=patient.email,
                        index=SqlCaseIndex(session, hub.domain, partner_domains(hub)),
-                       envelope_from=sender, envelope_to=rcpts, msg=parse_message(raw))
+                       envelope_from=item.sender, envelope_to=heads.recipients,
+                       msg=parse_message(item.raw))
     if row is not None:
-        prot = protection or NO_PROTECTION
         audit.append(session, actor, "filed", message_id=row.message_id, case_id=case_id,
                      detail={"direction": "out", "reason": reason,
                              "encryption": prot.encryption, "signature": prot.signature})
     return case_id
+
+
+def file_outbound(session: Session, hub: Any, raw: bytes, sender: str, recipients: Iterable[str],
+                  *, protection: Protection | None = None, actor: str = "outbound") -> str | None:
+    """Store a coordinator's case message; its case id, or None when it is not case mail."""
+    return file_outbound_many(session, hub, [OutboundItem(raw, sender, list(recipients),
+                                                          protection)], actor=actor)[0]

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from mailhub.errors import NotFound, StoreError
+from mailhub.store import audit
 from mailhub.store.models import OutboundItem, Payload, utcnow
 
 log = logging.getLogger("mailhub.queue")
@@ -67,25 +68,57 @@ _P = Payload.__table__  # type: ignore[attr-defined]
 _SEALED = select(_P.c.id, _P.c.sealed).where(_P.c.id.in_(bindparam("ids", expanding=True)))
 
 
+_INSERT_PAYLOADS = insert(_P).returning(_P.c.id, sort_by_parameter_order=True)
+_INSERT_ITEMS = insert(_T).returning(_T.c.id, sort_by_parameter_order=True)
+_EXISTING_MANY = (select(_T.c.source_id, _T.c.recipient)
+                  .where(_T.c.source_id.in_(bindparam("sids", expanding=True))))
+
+
+def insert_payloads(session: Session, datas: list[bytes], sealer: Sealer) -> list[int]:
+    """Store each of ``datas`` sealed, with its row id as associated data (a payload cannot be
+    swapped for another row's): one INSERT for the ids, one UPDATE for the sealed bytes."""
+    if not datas:
+        return []
+    now = utcnow()
+    result = session.execute(_INSERT_PAYLOADS, [{"sealed": b"", "created_at": now}] * len(datas))
+    pids = [int(pid) for pid in result.scalars()]
+    session.execute(_SEAL_PAYLOAD, [{"pid": pid, "blob": sealer.seal(data, str(pid).encode())}
+                                    for pid, data in zip(pids, datas, strict=True)])
+    return pids
+
+
 def insert_payload(session: Session, data: bytes, sealer: Sealer) -> int:
-    """Store ``data`` sealed, with its row id as associated data (a payload cannot be swapped
-    for another row's): insert to get the id, then seal."""
-    result = session.execute(_INSERT_PAYLOAD, {"sealed": b"", "created_at": utcnow()})
-    pid = int(result.inserted_primary_key[0])  # type: ignore[index]
-    session.execute(_SEAL_PAYLOAD, {"pid": pid, "blob": sealer.seal(data, str(pid).encode())})
-    return pid
+    return insert_payloads(session, [data], sealer)[0]
 
 
-def insert_item(session: Session, **values: Any) -> int:
-    """One queue row (every column given: sqlmodel's defaults apply to ORM objects only)."""
+def item_row(**values: Any) -> dict[str, Any]:
+    """A queue row with every column given (sqlmodel's defaults apply to ORM objects only)."""
     now = utcnow()
     row = {"status": "queued", "reason": "", "method": "", "relay": "smarthost", "kind": "mail",
            "case_id": None, "payload_id": None, "require_tls": False, "attempts": 0,
            "next_attempt_at": now, "sending_since": None, "created_at": now, "updated_at": now,
            "trace": "", "message_id": "", "sender": ""}
     row.update(values)
-    result = session.execute(_INSERT_ITEM, row)
-    return int(result.inserted_primary_key[0])  # type: ignore[index]
+    return row
+
+
+def insert_items(session: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Queue rows (from ``item_row``) with one statement; their ids in order."""
+    if not rows:
+        return []
+    return [int(i) for i in session.execute(_INSERT_ITEMS, rows).scalars()]
+
+
+def insert_item(session: Session, **values: Any) -> int:
+    return insert_items(session, [item_row(**values)])[0]
+
+
+def existing_for_sources(session: Session, source_ids: Iterable[str]) -> set[tuple[str, str]]:
+    """(source id, recipient) pairs already queued: a replayed message writes nothing twice."""
+    wanted = sorted(set(source_ids))
+    if not wanted:
+        return set()
+    return {(sid, rcpt) for sid, rcpt in session.execute(_EXISTING_MANY, {"sids": wanted})}
 
 
 def add_payload(session: Session, sealed: bytes) -> int:
@@ -220,12 +253,27 @@ def load_payloads(engine: Engine, ids: Iterable[int]) -> dict[int, bytes]:
         return sealed_payloads_in(session, ids)
 
 
+_AUDIT_FACTS = select(_T.c.id, _T.c.message_id, _T.c.case_id, _T.c.recipient, _T.c.relay,
+                      _T.c.kind).where(_T.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def _audit_outcome(session: Session, ids: list[int], action: str, reply: str) -> None:
+    """One audit entry per row that was sent or finally failed (with the next hop's reply)."""
+    rows = sorted(session.execute(_AUDIT_FACTS, {"ids": ids}).all())
+    audit.append_many(session, [
+        audit.Pending("delivery", action, message_id=r.message_id or None, case_id=r.case_id,
+                      detail={"recipient": r.recipient, "queue_id": r.id, "relay": r.relay,
+                              "kind": r.kind, "reply": reply[:300]})
+        for r in rows])
+
+
 def mark_sent_in(session: Session, ids: list[int], reply: str = "") -> None:
     if ids:
         session.execute(
             update(OutboundItem).where(OutboundItem.id.in_(ids))  # type: ignore[union-attr]
             .values(status="sent", sending_since=None, updated_at=utcnow(), reason=reply[:500])
         )
+        _audit_outcome(session, ids, "sent", reply)
 
 
 def mark_retry_in(session: Session, item_id: int, reason: str, next_at: datetime) -> None:
@@ -241,6 +289,7 @@ def mark_failed_in(session: Session, item_id: int, reason: str) -> None:
         update(OutboundItem).where(OutboundItem.id == item_id)
         .values(status="failed", sending_since=None, reason=reason[:500], updated_at=utcnow())
     )
+    _audit_outcome(session, [item_id], "failed", reason)
 
 
 def _commit_one(engine: Engine, fn: Callable[[Session], None]) -> None:

@@ -27,10 +27,11 @@ from mailhub.crypto.autocrypt import unfold as autocrypt_unfold
 from mailhub.crypto.engine import CryptoEngine, ProtectJob
 from mailhub.deliver.queue import GroupCommit
 from mailhub.errors import MailhubError
-from mailhub.outbound.queueing import QueueWriter, RowSpec
+from mailhub.outbound.queueing import QueueWriter, RowSpec, WriteJob
 from mailhub.parse.rawheaders import (
     field_name,
     get_header,
+    join_message,
     prepend_headers,
     remove_headers,
     split_message,
@@ -59,11 +60,8 @@ class Prepared:
 _UNFOLD = re.compile(rb"\r?\n[ \t]+")
 
 
-def first_values(raw: bytes, names: tuple[str, ...]) -> dict[str, str]:
-    """The first value of each named header (lower-case names), as ``get_header`` gives it,
-    from one pass over the header block (every message needs several)."""
+def _first_values(fields: list[bytes], names: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
-    fields, _, _ = split_message(raw)
     for f in fields:
         name = field_name(f)
         if name in names and name not in out:
@@ -72,18 +70,37 @@ def first_values(raw: bytes, names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def ensure_headers(raw: bytes, domain: str) -> tuple[bytes, str]:
-    """Keep the client's Message-ID; add one (and a Date) only when missing; drop Bcc."""
-    raw = remove_headers(raw, {"bcc", "mailhub-protection"})
-    added: list[tuple[str, str]] = []
-    found = first_values(raw, ("message-id", "date"))
+def first_values(raw: bytes, names: tuple[str, ...]) -> dict[str, str]:
+    """The first value of each named header (lower-case names), as ``get_header`` gives it,
+    from one pass over the header block (every message needs several)."""
+    return _first_values(split_message(raw)[0], names)
+
+
+_DROPPED = frozenset({"bcc", "mailhub-protection"})
+_WANTED = ("message-id", "date", "to", "cc")
+
+
+def ensure_headers_with(raw: bytes, domain: str) -> tuple[bytes, str, dict[str, str]]:
+    """``ensure_headers`` plus the first To and Cc values, from one pass over the headers."""
+    fields, eol, body = split_message(raw)
+    kept = [f for f in fields if field_name(f) not in _DROPPED]
+    found = _first_values(kept, _WANTED)
+    added: list[bytes] = []
     message_id = found.get("message-id", "").strip()
     if not message_id:
         message_id = make_msgid(domain=domain)
-        added.append(("Message-ID", message_id))
+        added.append(f"Message-ID: {message_id}".encode())
     if not found.get("date"):
-        added.append(("Date", format_datetime(time_now())))
-    return (prepend_headers(raw, added) if added else raw), message_id
+        added.append(f"Date: {format_datetime(time_now())}".encode())
+    if added or len(kept) != len(fields):
+        raw = join_message(added + kept, eol, body)
+    return raw, message_id, found
+
+
+def ensure_headers(raw: bytes, domain: str) -> tuple[bytes, str]:
+    """Keep the client's Message-ID; add one (and a Date) only when missing; drop Bcc."""
+    raw, message_id, _ = ensure_headers_with(raw, domain)
+    return raw, message_id
 
 
 def time_now():  # type: ignore[no-untyped-def]
@@ -93,7 +110,11 @@ def time_now():  # type: ignore[no-untyped-def]
 
 
 def visible_recipients(raw: bytes) -> set[str]:
-    found = first_values(raw, ("to", "cc"))
+    return _visible(first_values(raw, ("to", "cc")))
+
+
+def _visible(found: dict[str, str]) -> set[str]:
+    """Addresses in the first To and Cc headers, lower-cased: who sees whom."""
     values = [found.get(name, "") for name in ("to", "cc")]
     return {addr.lower() for _, addr in getaddresses(values) if addr}
 
@@ -103,9 +124,11 @@ class OutboundPipeline:
 
     def __init__(self, hub, crypto: CryptoEngine, *,  # type: ignore[no-untyped-def]
                  on_queued: Callable[[], None] | None = None, writer: QueueWriter | None = None,
-                 case_hook: Callable[[Session, Prepared], str | None] | None = None) -> None:
-        """``case_hook(session, prep)`` files the message into its case before it is protected
-        and returns the case id (then ``[ID]`` goes into the protected Subject)."""
+                 case_hook: Callable[[Session, list[Prepared]], list[str | None]] | None = None
+                 ) -> None:
+        """``case_hook(session, preps)`` files messages into their cases before they are
+        protected and returns each one's case id (then ``[ID]`` goes into the protected
+        Subject)."""
         self.hub = hub
         self.crypto = crypto
         self.on_queued = on_queued
@@ -144,7 +167,7 @@ class OutboundPipeline:
 
     def prepare(self, sm: SpooledMessage) -> Prepared:
         cfg = self.hub.config
-        raw, message_id = ensure_headers(sm.content, cfg.hub.domain)
+        raw, message_id, found = ensure_headers_with(sm.content, cfg.hub.domain)
         policy = self.hub.policy_cache.current()
         decisions: dict[str, OutboundDecision] = {}
         for rcpt in dict.fromkeys(sm.envelope.rcpt_tos):
@@ -160,8 +183,8 @@ class OutboundPipeline:
                 decision = decide_recipient(replace(ctx, consent_plain_email=True), policy)
             decisions[rcpt] = decision
             log_decision(message_id, decision.trace, recipient=rcpt)
-        return Prepared(sm.spool_id, raw, message_id, sm.envelope.mail_from,
-                        visible_recipients(raw), decisions)
+        return Prepared(sm.spool_id, raw, message_id, sm.envelope.mail_from, _visible(found),
+                        decisions)
 
     def jobs(self, prep: Prepared) -> list[tuple[list[str], ProtectJob]]:
         """Group recipients that can share one ciphertext; each Bcc recipient alone."""
@@ -223,11 +246,6 @@ class OutboundPipeline:
                                      relay=d.relay, data=prep.raw, reason=reason, trace=trace))
         return specs
 
-    def file_case_in(self, session: Session, prep: Prepared) -> None:
-        """File into the case in the caller's transaction (a replay dedupes)."""
-        assert self.case_hook is not None
-        prep.case_id = self.case_hook(session, prep)
-
     def tag_subject(self, prep: Prepared) -> None:
         """Put ``[ID]`` into the Subject (which encryption then protects)."""
         if prep.case_id:
@@ -237,25 +255,15 @@ class OutboundPipeline:
                 prep.raw = prepend_headers(remove_headers(prep.raw, {"subject"}),
                                            [("Subject", tagged)])
 
-    def file_case(self, prep: Prepared) -> None:
-        """File into the case (own transaction; a replay dedupes) and tag the Subject."""
-        with Session(self.hub.engine, expire_on_commit=False) as session:
-            self.file_case_in(session, prep)
-            session.commit()
-        self.tag_subject(prep)
+    def file_cases_in(self, session: Session, preps: list[Prepared]) -> None:
+        """File messages into their cases in the caller's transaction (a replay dedupes)."""
+        assert self.case_hook is not None
+        for prep, case_id in zip(preps, self.case_hook(session, preps), strict=True):
+            prep.case_id = case_id
 
-    def write_rows(self, session: Session, prep: Prepared) -> int:
-        """Rows, payloads, notices and audit entries, in the caller's transaction."""
-        return self.writer.write(session, source_id=prep.spool_id, message_id=prep.message_id,
-                                 sender=prep.sender, specs=self.rows(prep), case_id=prep.case_id)
-
-    def commit(self, sm: SpooledMessage, prep: Prepared) -> int:
-        """Write rows, payloads, notices and audit in one transaction; then drop the spool file."""
-        with Session(self.hub.engine, expire_on_commit=False) as session:
-            n = self.write_rows(session, prep)
-            session.commit()
-        self.hub.spool.remove(sm.envelope.listener, sm.spool_id)
-        return n
+    def job(self, prep: Prepared) -> WriteJob:
+        return WriteJob(prep.spool_id, prep.message_id, prep.sender, self.rows(prep),
+                        prep.case_id)
 
     async def _in_transaction(self, fn: Callable[[Session], T]) -> T:
         if self.commits is not None:
@@ -269,19 +277,60 @@ class OutboundPipeline:
 
         return await asyncio.to_thread(own)
 
-    def _load_prepare(self, listener: str, spool_id: str) -> tuple[SpooledMessage, Prepared]:
-        sm = self.hub.spool.load(listener, spool_id)
-        return sm, self.prepare(sm)
+    def _load_prepare(self, listener: str, spool_ids: list[str]
+                      ) -> list[Prepared | BaseException]:
+        out: list[Prepared | BaseException] = []
+        for sid in spool_ids:
+            try:
+                out.append(self.prepare(self.hub.spool.load(listener, sid)))
+            except Exception as exc:  # noqa: BLE001 - that message alone fails
+                out.append(exc)
+        return out
 
     async def process(self, listener: str, spool_id: str) -> None:
-        sm, prep = await asyncio.to_thread(self._load_prepare, listener, spool_id)
-        if self.case_hook is not None:
-            await self._in_transaction(lambda session: self.file_case_in(session, prep))
-            self.tag_subject(prep)
-        await self.protect(prep)
-        await self._in_transaction(lambda session: self.write_rows(session, prep))
-        await asyncio.to_thread(self.hub.spool.remove, listener, spool_id)
+        """One spooled message to queue rows (raises what made it fail)."""
+        failed = await self.process_many(listener, [spool_id])
+        if spool_id in failed:
+            raise failed[spool_id]
+
+    async def process_many(self, listener: str, spool_ids: list[str]
+                           ) -> dict[str, BaseException]:
+        """Spooled messages to queue rows, sharing thread hops, queries and one commit; the
+        spool entries go only after that commit. Returns the messages that failed (each is
+        retried alone when a shared step fails, so one bad message fails only itself)."""
+        loaded = await asyncio.to_thread(self._load_prepare, listener, spool_ids)
+        failed = {sid: r for sid, r in zip(spool_ids, loaded, strict=True)
+                  if isinstance(r, BaseException)}
+        preps = [r for r in loaded if isinstance(r, Prepared)]
+        if not preps:
+            return failed
+        try:
+            await self._queue_rows(preps)
+        except Exception as exc:
+            if len(preps) == 1:
+                failed[preps[0].spool_id] = exc
+                return failed
+            for prep in preps:  # find the one that broke the batch: each alone
+                failed.update(await self.process_many(listener, [prep.spool_id]))
+            return failed
+        await asyncio.to_thread(self._remove, listener, [p.spool_id for p in preps])
         if self.on_queued:
             self.on_queued()
-        if self.on_filed and prep.case_id:
-            self.on_filed(prep.case_id, None, prep.raw)
+        if self.on_filed:
+            for prep in preps:
+                if prep.case_id:
+                    self.on_filed(prep.case_id, None, prep.raw)
+        return failed
+
+    async def _queue_rows(self, preps: list[Prepared]) -> None:
+        if self.case_hook is not None:
+            await self._in_transaction(lambda session: self.file_cases_in(session, preps))
+            for prep in preps:
+                self.tag_subject(prep)
+        await asyncio.gather(*(self.protect(prep) for prep in preps))
+        jobs = [self.job(prep) for prep in preps]
+        await self._in_transaction(lambda session: self.writer.write_many(session, jobs))
+
+    def _remove(self, listener: str, spool_ids: list[str]) -> None:
+        for sid in spool_ids:
+            self.hub.spool.remove(listener, sid)

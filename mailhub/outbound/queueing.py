@@ -35,47 +35,74 @@ class RowSpec:
     kind: str = "mail"
 
 
+@dataclass(frozen=True)
+class WriteJob:
+    """One message's rows: what ``QueueWriter.write_many`` writes for it."""
+
+    source_id: str
+    message_id: str
+    sender: str
+    specs: list[RowSpec]
+    case_id: str | None = None
+    actor: str = "outbound"
+
+
+def _action(spec: RowSpec) -> str:
+    if spec.status == "held":
+        return "held"
+    return "encrypted" if spec.method in ("openpgp", "smime") else "queued"
+
+
 class QueueWriter:
     def __init__(self, hub) -> None:  # type: ignore[no-untyped-def]
         self.hub = hub
 
-    def _payload(self, session: Session, data: bytes) -> int:
-        return queue.insert_payload(session, data, self.hub.sealer)
-
     def write(self, session: Session, *, source_id: str, message_id: str, sender: str,
               specs: list[RowSpec], case_id: str | None = None, actor: str = "outbound") -> int:
-        """Insert rows that do not exist yet; returns how many were written.
+        """Insert rows that do not exist yet; returns how many were written."""
+        return self.write_many(session, [WriteJob(source_id, message_id, sender, specs, case_id,
+                                                  actor)])[0]
 
-        Plain SQL inserts, not ORM objects: this runs for every recipient of every message.
-        """
-        existing = queue.existing_recipients(session, source_id)
-        payload_ids: dict[int, int] = {}
-        written = 0
-        for spec in specs:
-            if spec.recipient in existing:
-                continue
-            key = id(spec.data)
-            if key not in payload_ids:
-                payload_ids[key] = self._payload(session, spec.data)
-            row_id = queue.insert_item(
-                session, source_id=source_id, message_id=message_id, sender=sender,
-                recipient=spec.recipient, status=spec.status, reason=spec.reason,
-                method=spec.method, relay=spec.relay, kind=spec.kind, case_id=case_id,
-                payload_id=payload_ids[key], require_tls=spec.require_tls, trace=spec.trace)
-            existing.add(spec.recipient)
-            written += 1
-            action = "held" if spec.status == "held" else (
-                "encrypted" if spec.method in ("openpgp", "smime") else "queued")
-            audit.append(session, actor, action, message_id=message_id, case_id=case_id,
-                         detail={"recipient": spec.recipient, "method": spec.method,
-                                 "queue_id": row_id, "reason": spec.reason[:300]})
-            if spec.status == "held" and spec.kind == "mail" and sender:
+    def write_many(self, session: Session, jobs: list[WriteJob]) -> list[int]:
+        """Rows, payloads and audit entries of several messages with a handful of statements
+        (this runs for every recipient of every message); how many rows each job wrote."""
+        existing = queue.existing_for_sources(session, (j.source_id for j in jobs))
+        datas: list[bytes] = []
+        shared: dict[int, int] = {}  # id(data) -> index in datas: recipients share a payload
+        planned: list[tuple[WriteJob, RowSpec, int]] = []
+        written = [0] * len(jobs)
+        for n, job in enumerate(jobs):
+            for spec in job.specs:
+                if (job.source_id, spec.recipient) in existing:
+                    continue
+                existing.add((job.source_id, spec.recipient))
+                if id(spec.data) not in shared:
+                    shared[id(spec.data)] = len(datas)
+                    datas.append(spec.data)
+                planned.append((job, spec, shared[id(spec.data)]))
+                written[n] += 1
+        if not planned:
+            return written
+        pids = queue.insert_payloads(session, datas, self.hub.sealer)
+        row_ids = queue.insert_items(session, [queue.item_row(
+            source_id=job.source_id, message_id=job.message_id, sender=job.sender,
+            recipient=spec.recipient, status=spec.status, reason=spec.reason,
+            method=spec.method, relay=spec.relay, kind=spec.kind, case_id=job.case_id,
+            payload_id=pids[i], require_tls=spec.require_tls, trace=spec.trace)
+            for job, spec, i in planned])
+        audit.append_many(session, [audit.Pending(
+            job.actor, _action(spec), message_id=job.message_id, case_id=job.case_id,
+            detail={"recipient": spec.recipient, "method": spec.method, "queue_id": row_id,
+                    "reason": spec.reason[:300]})
+            for (job, spec, _), row_id in zip(planned, row_ids, strict=True)])
+        for (job, spec, _), row_id in zip(planned, row_ids, strict=True):
+            if spec.status == "held" and spec.kind == "mail" and job.sender:
                 self.notice(session, hold_notice(
                     from_addr=self.hub.config.hub.postmaster_address,
-                    from_name=self.hub.config.hub.display_name, sender=sender,
+                    from_name=self.hub.config.hub.display_name, sender=job.sender,
                     recipient=spec.recipient, reason=spec.reason, queue_id=row_id,
-                    original_id=message_id, domain=self.hub.domain),
-                    source_id=f"{source_id}:held:{spec.recipient}", recipient=sender)
+                    original_id=job.message_id, domain=self.hub.domain),
+                    source_id=f"{job.source_id}:held:{spec.recipient}", recipient=job.sender)
         return written
 
     def notice(self, session: Session, msg: EmailMessage, *, source_id: str, recipient: str,

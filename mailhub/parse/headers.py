@@ -40,6 +40,10 @@ _ANGLE_ADDR = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
 _BARE_ADDR = re.compile(r"[^\s<>,;:\"()\[\]]+@[^\s<>,;:\"()\[\]]+")
 
 
+# whitespace (any, as str.isspace sees it) or a control character anywhere in an address
+_ADDR_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+_DOMAIN_BAD_CHAR = re.compile(r'[<>,;()\[\]\\"@]')
+
 def strip_crlf(value: object) -> str:
     """A header value safe to set: CR, LF and other line breaks become one space.
 
@@ -187,9 +191,7 @@ def normalize_address(value: str | None) -> str | None:
     domain = domain.rstrip(".")
     if not sep or not local or not domain:
         return None
-    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in text):
-        return None
-    if any(c in '<>,;()[]\\"@' for c in domain):
+    if _ADDR_BAD_CHAR.search(text) or _DOMAIN_BAD_CHAR.search(domain):
         return None
     return f"{local}@{domain.lower()}"
 

@@ -20,6 +20,7 @@ never a body, a key or a password; ``append`` refuses values that look like one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -120,10 +121,16 @@ def entry_hash(entry: AuditEntry) -> str:
     return hashlib.sha256(canonical(entry)).hexdigest()
 
 
+@functools.lru_cache(maxsize=1024)
+def _forbidden_key(key: str) -> bool:
+    """Whether a detail key names content or a secret (cached: the same few keys recur)."""
+    return _NOT_LETTER.sub("", key.lower()) in _FORBIDDEN_KEYS
+
+
 def _check_detail(value: Any, path: str = "detail") -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():
-            if _NOT_LETTER.sub("", str(k).lower()) in _FORBIDDEN_KEYS:
+            if _forbidden_key(str(k)):
                 raise AuditError(f"audit {path}.{k} may hold a body, key or password",
                                  hint="record facts about the message (ids, addresses, "
                                  "fingerprints, reasons), never its content or secrets")
@@ -184,40 +191,78 @@ def _lock_head(session: Session) -> tuple[int, str]:
     return int(row[0]), str(row[1])
 
 
+@dataclass(frozen=True)
+class Pending:
+    """One entry to append (``append_many`` writes a batch of them with two statements)."""
+
+    actor: str
+    action: str
+    message_id: str | None = None
+    case_id: str | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+def _chain_head(session: Session) -> tuple[Any, int, str]:
+    """The chain's head for this transaction: locked and read once per transaction, then kept.
+
+    The head is keyed by the innermost transaction: entering or leaving a savepoint (released
+    or rolled back) re-reads it from the database, so a rolled-back entry is never chained to.
+    """
+    session.flush()  # the caller's pending ORM objects go first, as they always did
+    session.connection()  # begins the transaction now, so ``tx`` below is never None
+    tx = session.get_nested_transaction() or session.get_transaction()
+    cached = session.info.get("audit_head")
+    if tx is not None and cached is not None and cached[0] is tx:
+        return tx, cached[1], cached[2]
+    seq, prev = _lock_head(session)
+    return tx, seq, prev
+
+
+def _entry_values(p: Pending, seq: int, prev: str, at: datetime) -> dict[str, Any]:
+    if not _ACTION.match(p.action or ""):
+        raise AuditError(f"audit action {p.action!r} is not a lower-case word",
+                         hint=f"use one of: {', '.join(ACTIONS)}")
+    if not p.actor or not p.actor.strip():
+        raise AuditError("audit actor is empty", hint="name who acted: 'smtp-inbound', a user...")
+    values: dict[str, Any] = {
+        "seq": seq, "at": at, "actor": p.actor.strip(), "action": p.action,
+        "message_id": _clip_message_id(p.message_id), "case_id": p.case_id,
+        "detail": _detail_json(p.detail), "prev_hash": prev}
+    values["hash"] = hashlib.sha256(_canonical_values(values)).hexdigest()
+    return values
+
+
+def append_many(session: Session, entries: list[Pending]) -> list[dict[str, Any]]:
+    """Add entries at the end of the chain, in order, in the caller's transaction.
+
+    The chain lock is held until that transaction ends, so commit promptly. Entries go in with
+    one multi-row INSERT and the head with one UPDATE: the hot path appends several entries for
+    every message. Every entry is checked (action, actor, detail) before anything is written.
+    """
+    if not entries:
+        return []
+    at = datetime.now(UTC).replace(tzinfo=None)
+    tx, seq, prev = _chain_head(session)
+    rows = []
+    for p in entries:
+        seq += 1
+        values = _entry_values(p, seq, prev, at)
+        prev = values["hash"]
+        rows.append(values)
+    conn = session.connection()
+    conn.execute(_INSERT_ENTRY, rows)
+    conn.execute(_SET_HEAD, {"seq": seq, "hash": prev})
+    session.info["audit_head"] = (tx, seq, prev)
+    return rows
+
+
 def append(session: Session, actor: str, action: str, *, message_id: str | None = None,
            case_id: str | None = None, detail: Mapping[str, Any] | None = None) -> AuditEntry:
     """Add one entry at the end of the chain, in the caller's transaction (caller commits).
 
-    The chain lock is held until that transaction ends, so commit promptly. The entry and the
-    head are written with plain SQL (this runs several times for every message); the returned
-    ``AuditEntry`` is a snapshot, not attached to the session.
+    The returned ``AuditEntry`` is a snapshot, not attached to the session.
     """
-    if not _ACTION.match(action or ""):
-        raise AuditError(f"audit action {action!r} is not a lower-case word",
-                         hint=f"use one of: {', '.join(ACTIONS)}")
-    if not actor or not actor.strip():
-        raise AuditError("audit actor is empty", hint="name who acted: 'smtp-inbound', a user...")
-    detail_text = _detail_json(detail)
-    session.flush()  # the caller's pending ORM objects go first, as they always did
-    conn = session.connection()  # begins the transaction now, so ``tx`` below is never None
-    # The chain lock lasts until the transaction ends: take it (and read the head) once per
-    # transaction, not once per entry; later entries reuse the head this function keeps. The
-    # head is keyed by the innermost transaction: entering or leaving a savepoint (released or
-    # rolled back) re-reads it from the database, so a rolled-back entry is never chained to.
-    tx = session.get_nested_transaction() or session.get_transaction()
-    cached = session.info.get("audit_head")
-    if tx is not None and cached is not None and cached[0] is tx:
-        seq, prev = cached[1], cached[2]
-    else:
-        seq, prev = _lock_head(session)
-    values: dict[str, Any] = {
-        "seq": seq + 1, "at": datetime.now(UTC).replace(tzinfo=None), "actor": actor.strip(),
-        "action": action, "message_id": _clip_message_id(message_id), "case_id": case_id,
-        "detail": detail_text, "prev_hash": prev}
-    values["hash"] = hashlib.sha256(_canonical_values(values)).hexdigest()
-    conn.execute(_INSERT_ENTRY, values)
-    conn.execute(_SET_HEAD, {"seq": values["seq"], "hash": values["hash"]})
-    session.info["audit_head"] = (tx, values["seq"], values["hash"])
+    (values,) = append_many(session, [Pending(actor, action, message_id, case_id, detail)])
     return AuditEntry(**values)
 
 
