@@ -57,6 +57,7 @@ class SpoolRunner:
         self.max_batch = max_batch
         self.failures: dict[str, int] = {}
         self.inflight: set[str] = set()
+        self._carry: list[tuple[str, str] | None] = []  # taken from the queue, not yet used
 
     def submit(self, listener: str, spool_id: str) -> None:
         if spool_id not in self.inflight:
@@ -113,20 +114,21 @@ class SpoolRunner:
         log.error("shunted spool_id=%s to %s after repeated failures", spool_id, dst_dir)
 
     def _take(self, first: tuple[str, str]) -> dict[str, list[str]]:
-        """The first message and whatever else is waiting, by listener, at most a batch each."""
+        """The first message and whatever else is waiting, by listener, at most a batch each.
+
+        The first message that does not fit (or the stop marker) is carried over to be taken
+        first next time; everything after it stays queued, so the order is kept."""
         groups: dict[str, list[str]] = {first[0]: [first[1]]}
-        held_back: list[tuple[str, str] | None] = []
         while not self.queue.empty():
             item = self.queue.get_nowait()
             if item is None or len(groups.get(item[0], ())) >= self.max_batch:
-                held_back.append(item)
-                if item is None or len(held_back) > self.max_batch:
-                    break
-                continue
+                self._carry.append(item)
+                break
             groups.setdefault(item[0], []).append(item[1])
-        for item in held_back:
-            self.queue.put_nowait(item)
         return groups
+
+    async def _next(self) -> tuple[str, str] | None:
+        return self._carry.pop() if self._carry else await self.queue.get()
 
     async def run(self, stop: asyncio.Event) -> None:
         sem = asyncio.Semaphore(self.concurrency)
@@ -142,7 +144,7 @@ class SpoolRunner:
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(lambda _: self.queue.put_nowait(None))
         while not stop.is_set():
-            item = await self.queue.get()
+            item = await self._next()
             if item is None:
                 break
             await sem.acquire()  # wait for a slot first: meanwhile more messages gather

@@ -235,13 +235,18 @@ def file_outbound_many(session: Session, hub: Any, items: list[OutboundItem], *,
     for item, h in zip(items, heads, strict=True):
         case_id, reason = outbound_case(index, h.subject, h.recipients, h.references,
                                         h.in_reply_to)
-        out.append(None if case_id is None else
-                   _store_outbound(session, hub, item, h, case_id, reason, actor))
+        if case_id is None:
+            out.append(None)
+            continue
+        case_id, key = _store_outbound(session, hub, item, h, case_id, reason, actor)
+        if key:
+            index.learn(key, case_id)
+        out.append(case_id)
     return out
 
 
 def _store_outbound(session: Session, hub: Any, item: OutboundItem, heads: _Heads,
-                    case_id: str, reason: str, actor: str) -> str:
+                    case_id: str, reason: str, actor: str) -> tuple[str, str | None]:
     case_id = resolve_merged(session, case_id)
     patient = case_patient(session, case_id)
     prot = item.protection or NO_PROTECTION
@@ -255,7 +260,7 @@ def _store_outbound(session: Session, hub: Any, item: OutboundItem, heads: _Head
         audit.append(session, actor, "filed", message_id=row.message_id, case_id=case_id,
                      detail={"direction": "out", "reason": reason,
                              "encryption": prot.encryption, "signature": prot.signature})
-    return case_id
+    return case_id, (row.message_id_norm if row is not None else None)
 
 
 def file_outbound(session: Session, hub: Any, raw: bytes, sender: str, recipients: Iterable[str],

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from mailhub.cases.store import SqlCaseIndex
+from mailhub.cases.store import SqlCaseIndex, msgid_key
 from mailhub.parse.headers import normalize_address
 from mailhub.store.models import Case, Patient
 
@@ -36,7 +36,8 @@ class PrefetchedIndex:
         self.hub_domain = sql.hub_domain
         ids = sorted(set(case_ids))
         self._cases = set(session.execute(_CASES_IN, {"ids": ids}).scalars()) if ids else set()
-        self._known = sql.cases_for_message_ids(list(dict.fromkeys(message_ids)))
+        self._known = {msgid_key(m): cid for m, cid in
+                       sql.cases_for_message_ids(list(dict.fromkeys(message_ids))).items()}
         norms = sorted({n for n in (normalize_address(e) for e in emails) if n})
         self._open: dict[str, list[str]] = {}
         if norms:
@@ -47,7 +48,13 @@ class PrefetchedIndex:
         return case_id in self._cases
 
     def cases_for_message_ids(self, msgids: list[str]) -> dict[str, str]:
-        return {m: self._known[m] for m in msgids if m in self._known}
+        return {m: self._known[k] for m in msgids if (k := msgid_key(m)) in self._known}
+
+    def learn(self, message_id_key: str, case_id: str) -> None:
+        """A message this batch stored (``StoredMessage.message_id_norm``): later messages of
+        the batch that refer to it find its case, as one at a time (the first holder keeps
+        an id)."""
+        self._known.setdefault(message_id_key, case_id)
 
     def open_cases_for_patient(self, address: str) -> list[str]:
         norm = normalize_address(address)

@@ -257,13 +257,20 @@ _AUDIT_FACTS = select(_T.c.id, _T.c.message_id, _T.c.case_id, _T.c.recipient, _T
                       _T.c.kind).where(_T.c.id.in_(bindparam("ids", expanding=True)))
 
 
+def _reply_fact(reply: str) -> str:
+    """The next hop's reply as an audit fact: outside text, so one line, clipped, and never
+    mistaken for key material (the audit refuses armor, and a refused mark would be lost)."""
+    text = " ".join(reply.split())[:300]
+    return text.replace("-----BEGIN ", "-----BEGIN_")
+
+
 def _audit_outcome(session: Session, ids: list[int], action: str, reply: str) -> None:
     """One audit entry per row that was sent or finally failed (with the next hop's reply)."""
     rows = sorted(session.execute(_AUDIT_FACTS, {"ids": ids}).all())
     audit.append_many(session, [
         audit.Pending("delivery", action, message_id=r.message_id or None, case_id=r.case_id,
                       detail={"recipient": r.recipient, "queue_id": r.id, "relay": r.relay,
-                              "kind": r.kind, "reply": reply[:300]})
+                              "kind": r.kind, "reply": _reply_fact(reply)})
         for r in rows])
 
 

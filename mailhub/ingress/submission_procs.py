@@ -56,7 +56,7 @@ class SubmissionProcesses:
     after the spool fsync, as in one process, then sends the spool id back over a pipe. A child
     exits when the parent's end of its pipe closes (a crash of the parent included): spooled
     files are found at the next start. A child that dies is replaced. The AUTH failure throttle
-    counts per child.
+    counts per child. Spool ids come back in batches: ``("spooled", [(listener, spool_id)...])``.
     """
 
     def __init__(self, hub: Hub, count: int) -> None:
@@ -92,6 +92,9 @@ class SubmissionProcesses:
                 kind, value = conn.recv()
                 if kind == "ready" and not ready.done():
                     ready.set_result(None)
+                elif kind == "spooled":
+                    for listener, spool_id in value:
+                        self._on_spooled(listener, spool_id)
                 elif kind != "ready":
                     self._on_spooled(kind, value)
         except (EOFError, OSError):
@@ -125,9 +128,18 @@ class SubmissionProcesses:
 def _submission_child(config: Any, sock: socket.socket, conn: Connection) -> None:
     """A submission process's main (spawned: nothing is inherited but the socket and pipe)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    logging.basicConfig(level=config.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    child_logging(config.log_level)
     asyncio.run(_serve_submission(Hub(config), sock, conn))
+
+
+def child_logging(level: str) -> None:
+    """Log as ``mailhub serve`` does in the parent (a spawned child inherits none of it).
+
+    Below DEBUG, aiosmtpd's own lines are kept to warnings: its five INFO lines per message
+    (each command, the sender, the recipient) cost more CPU than receiving the message."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection) -> None:
@@ -142,11 +154,22 @@ async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection) -> 
             pass
         done.set()
 
-    def on_spooled(listener: str, spool_id: str) -> None:
+    pending: list[tuple[str, str]] = []
+
+    def send_spooled() -> None:
+        batch = pending[:]
+        pending.clear()
         try:
-            conn.send((listener, spool_id))
-        except OSError:  # the parent is gone; the file waits in the spool for the next start
+            conn.send(("spooled", batch))
+        except OSError:  # the parent is gone; the messages wait in the spool for the next start
             done.set()
+
+    def on_spooled(listener: str, spool_id: str) -> None:
+        # sessions whose spool writes were synced together finish in the same loop pass:
+        # one pipe message for all of them (a write and an unpickle each side less)
+        if not pending:
+            loop.call_soon(send_spooled)
+        pending.append((listener, spool_id))
 
     cfg = hub.config
     throttle = FailureThrottle(free_failures=cfg.submission.auth_failures_before_delay)

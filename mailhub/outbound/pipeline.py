@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses, make_msgid
 from typing import TypeVar
 
@@ -80,18 +81,25 @@ _DROPPED = frozenset({"bcc", "mailhub-protection"})
 _WANTED = ("message-id", "date", "to", "cc")
 
 
-def ensure_headers_with(raw: bytes, domain: str) -> tuple[bytes, str, dict[str, str]]:
-    """``ensure_headers`` plus the first To and Cc values, from one pass over the headers."""
+def ensure_headers_with(raw: bytes, domain: str, *, spool_id: str | None = None,
+                        received_at: float | None = None) -> tuple[bytes, str, dict[str, str]]:
+    """``ensure_headers`` plus the first To and Cc values, from one pass over the headers.
+
+    With ``spool_id`` (and ``received_at``), an added Message-ID (and Date) derive from the
+    spooled message, so preparing it again (a retry, a replay after a crash) gives the same
+    ones and the message is filed and queued under one id."""
     fields, eol, body = split_message(raw)
     kept = [f for f in fields if field_name(f) not in _DROPPED]
     found = _first_values(kept, _WANTED)
     added: list[bytes] = []
     message_id = found.get("message-id", "").strip()
     if not message_id:
-        message_id = make_msgid(domain=domain)
+        message_id = f"<{spool_id}@{domain}>" if spool_id else make_msgid(domain=domain)
         added.append(f"Message-ID: {message_id}".encode())
     if not found.get("date"):
-        added.append(f"Date: {format_datetime(time_now())}".encode())
+        when = (datetime.fromtimestamp(received_at, UTC) if received_at is not None
+                else time_now())
+        added.append(f"Date: {format_datetime(when)}".encode())
     if added or len(kept) != len(fields):
         raw = join_message(added + kept, eol, body)
     return raw, message_id, found
@@ -103,9 +111,7 @@ def ensure_headers(raw: bytes, domain: str) -> tuple[bytes, str]:
     return raw, message_id
 
 
-def time_now():  # type: ignore[no-untyped-def]
-    from datetime import UTC, datetime
-
+def time_now() -> datetime:
     return datetime.now(UTC)
 
 
@@ -167,7 +173,9 @@ class OutboundPipeline:
 
     def prepare(self, sm: SpooledMessage) -> Prepared:
         cfg = self.hub.config
-        raw, message_id, found = ensure_headers_with(sm.content, cfg.hub.domain)
+        raw, message_id, found = ensure_headers_with(
+            sm.content, cfg.hub.domain, spool_id=sm.spool_id,
+            received_at=sm.envelope.received_at)
         policy = self.hub.policy_cache.current()
         decisions: dict[str, OutboundDecision] = {}
         for rcpt in dict.fromkeys(sm.envelope.rcpt_tos):
