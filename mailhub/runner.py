@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -105,13 +104,10 @@ class SpoolRunner:
                                                   spool_id)
 
     def shunt(self, listener: str, spool_id: str) -> None:
-        """Move a message that keeps failing aside (still sealed); never drop it."""
-        src = self.hub.spool.root / listener / f"{spool_id}.msg"
-        dst_dir = self.hub.spool.root / "shunt"
-        dst_dir.mkdir(exist_ok=True, mode=0o700)
-        if src.exists():
-            shutil.move(str(src), dst_dir / f"{listener}-{spool_id}.msg")
-        log.error("shunted spool_id=%s to %s after repeated failures", spool_id, dst_dir)
+        """Set a message that keeps failing aside (still sealed); never drop it."""
+        target = self.hub.spool.shunt(listener, spool_id)
+        log.error("shunted spool_id=%s to %s after repeated failures", spool_id,
+                  target or self.hub.spool.root / "shunt")
 
     def _take(self, first: tuple[str, str]) -> dict[str, list[str]]:
         """The first message and whatever else is waiting, by listener, at most a batch each.

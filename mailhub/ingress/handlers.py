@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -94,7 +93,7 @@ class _BaseHandler:
             replaced = await self.gate(env, content)
             if replaced is not None:
                 content = replaced
-            spool_id = await asyncio.to_thread(self.spool.accept, env, content)
+            spool_id = await self.spool.accept_async(env, content)
         except PolicyRefusal as exc:
             log.info("refused at DATA listener=%s peer=%s: %s", self.listener, env.peer, exc)
             return exc.smtp_reply()

@@ -273,7 +273,7 @@ class StepSender:
         sid = spool_id_for(claim.id)
         if await asyncio.to_thread(self.queue_rows, sid):
             return await asyncio.to_thread(self.record, claim, sid)  # spooled and processed
-        local = (self.hub.spool.root / LISTENER / f"{sid}.msg").exists()
+        local = await asyncio.to_thread(self.hub.spool.contains, LISTENER, sid)
         if not (claim.action == "finish" and local):
             try:
                 msg = await asyncio.to_thread(self.build, claim)

@@ -144,7 +144,15 @@ def in_flight(inst: Instance) -> set[tuple[str, str]]:
 
 
 def spooled(inst: Instance) -> int:
-    return len(list((inst.root / "var" / "spool" / "submission").glob("*.msg")))
+    """Submissions spooled and not yet processed, as the server's own spool sees them."""
+    from mailhub.crypto.atrest import AtRest
+    from mailhub.spool.spool import Spool
+
+    spool = Spool(inst.root / "var" / "spool", AtRest.load(inst.root / "keys" / "atrest.key"))
+    try:
+        return spool.pending_count("submission")
+    finally:
+        spool.close()
 
 
 def recovered_at_last_start(serve: Serve) -> int:

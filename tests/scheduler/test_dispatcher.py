@@ -81,7 +81,7 @@ def test_restart_after_downtime_sends_within_window_and_misses_the_rest(hub) -> 
     assert "Alex" not in text and PATIENT not in text and "Anatolia" not in text
     # the held copy produced the outbound path's own notice to the coordinator
     assert any(n.source_id == f"{welcome.queue_source_id}:held:{PATIENT}" for n in notices)
-    assert list((hub.spool.root / "scheduler").glob("*.msg")) == []
+    assert hub.spool.pending("scheduler") == []
     # a second pass finds nothing more to do
     assert Dispatcher(hub, "B").run_due(now).claimed == 0
 
@@ -111,7 +111,7 @@ def test_crash_between_spool_and_record_sends_once(hub) -> None:  # type: ignore
     [claim] = claim_due(hub.engine, now, "crashed")
     sender = StepSender(hub, OutboundPipeline(hub, CryptoEngine(0)).process)
     sid = sender.spool(claim, sender.build(claim), now)  # ... and then the process died
-    assert sid == f"sched-{claim.id}" and (hub.spool.root / "scheduler" / f"{sid}.msg").exists()
+    assert sid == f"sched-{claim.id}" and hub.spool.contains("scheduler", sid)
     assert rows(hub)["prep-guide"].status == "pending"
     # another instance: the claim is not stale yet, so it leaves the row alone
     assert Dispatcher(hub, "B").run_due(now).claimed == 0
@@ -129,7 +129,7 @@ def test_crash_between_spool_and_record_sends_once(hub) -> None:  # type: ignore
     report = Dispatcher(hub, "C", stale_after=timedelta(0)).run_due(now)
     assert [(o.step, o.status) for o in report.outcomes] == [("travel-checklist", "held")]
     assert len(mail_rows(hub, sid)) == 1
-    assert list((hub.spool.root / "scheduler").glob("*.msg")) == []
+    assert hub.spool.pending("scheduler") == []
 
 
 def test_a_template_that_fails_to_render_holds_the_step_with_the_reason(short_tmp: Path) -> None:

@@ -72,7 +72,7 @@ def test_two_instances_on_one_postgresql_send_each_step_once(short_tmp: Path,
     assert len(missed_notices) == 2 * CASES and set(missed_notices.values()) == {1}
     assert {r.status for r in all_rows.values() if r.id in welcome_ids} == {"held"}
     for hub in (hub_a, hub_b):
-        assert list((hub.spool.root / "scheduler").glob("*.msg")) == []
+        assert hub.spool.pending("scheduler") == []
     hub_a.engine.dispose()
     hub_b.engine.dispose()
 
