@@ -334,6 +334,7 @@ def _outbound_case_hook(hub: Hub):  # type: ignore[no-untyped-def]
 
     def hook(session, preps):  # type: ignore[no-untyped-def]
         return file_outbound_many(session, hub, [
-            OutboundItem(p.raw, p.sender, list(p.decisions), protection(p)) for p in preps])
+            OutboundItem(p.raw, p.sender, list(p.decisions), protection(p), p.headers, p.to_cc)
+            for p in preps])
 
     return hook

@@ -198,6 +198,8 @@ class OutboundItem:
     sender: str
     recipients: list[str]
     protection: Protection | None = None
+    headers: Message | None = None  # parse_headers(raw), when the caller has it already
+    to_cc: list[str] | None = None  # addresses(headers, "To", "Cc"), likewise
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,10 @@ class _Heads:
 
 def _outbound_heads(item: OutboundItem) -> _Heads:
     """What decides an outbound message's case, from its header section alone."""
-    msg = parse_headers(item.raw)
+    msg = item.headers if item.headers is not None else parse_headers(item.raw)
+    to_cc = item.to_cc if item.to_cc is not None else addresses(msg, "To", "Cc")
     rcpts = [a for a in (normalize_address(r) for r in item.recipients) if a]
-    rcpts += [a for a in addresses(msg, "To", "Cc") if a not in rcpts]
+    rcpts += [a for a in to_cc if a not in rcpts]
     refs = parse_msgid_list(" ".join(raw_headers(msg, "References")))
     irt = parse_msgid_list(" ".join(raw_headers(msg, "In-Reply-To")))
     return _Heads(rcpts, refs, irt, safe_header(msg, "Subject"))

@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from email.message import Message
 from email.utils import format_datetime, getaddresses, make_msgid
 from typing import TypeVar
 
 from sqlmodel import Session
 
+from mailhub.cases.store import parse_headers
 from mailhub.cases.subjects import add_case_tag
 from mailhub.crypto.autocrypt import make_header as make_autocrypt_header
 from mailhub.crypto.autocrypt import unfold as autocrypt_unfold
@@ -29,6 +31,7 @@ from mailhub.crypto.engine import CryptoEngine, ProtectJob
 from mailhub.deliver.queue import GroupCommit
 from mailhub.errors import MailhubError
 from mailhub.outbound.queueing import QueueWriter, RowSpec, WriteJob
+from mailhub.parse.headers import addresses
 from mailhub.parse.rawheaders import (
     field_name,
     get_header,
@@ -56,6 +59,8 @@ class Prepared:
     outputs: dict[str, bytes] = field(default_factory=dict)  # recipient -> wire bytes
     failures: dict[str, str] = field(default_factory=dict)  # recipient -> crypto error
     case_id: str | None = None
+    headers: Message | None = None  # the header section as the case store parses it
+    to_cc: list[str] | None = None  # normalized To and Cc addresses
 
 
 _UNFOLD = re.compile(rb"\r?\n[ \t]+")
@@ -78,12 +83,12 @@ def first_values(raw: bytes, names: tuple[str, ...]) -> dict[str, str]:
 
 
 _DROPPED = frozenset({"bcc", "mailhub-protection"})
-_WANTED = ("message-id", "date", "to", "cc")
+_WANTED = ("message-id", "date")
 
 
 def ensure_headers_with(raw: bytes, domain: str, *, spool_id: str | None = None,
                         received_at: float | None = None) -> tuple[bytes, str, dict[str, str]]:
-    """``ensure_headers`` plus the first To and Cc values, from one pass over the headers.
+    """``ensure_headers``, also returning the first Message-ID and Date values it found.
 
     With ``spool_id`` (and ``received_at``), an added Message-ID (and Date) derive from the
     spooled message, so preparing it again (a retry, a replay after a crash) gives the same
@@ -116,13 +121,9 @@ def time_now() -> datetime:
 
 
 def visible_recipients(raw: bytes) -> set[str]:
-    return _visible(first_values(raw, ("to", "cc")))
-
-
-def _visible(found: dict[str, str]) -> set[str]:
-    """Addresses in the first To and Cc headers, lower-cased: who sees whom."""
-    values = [found.get(name, "") for name in ("to", "cc")]
-    return {addr.lower() for _, addr in getaddresses(values) if addr}
+    """Everyone named in To or Cc (lower-cased): they see each other, so they may share a
+    ciphertext; anyone else is a Bcc recipient."""
+    return {a.lower() for a in addresses(parse_headers(raw), "To", "Cc")}
 
 
 class OutboundPipeline:
@@ -191,8 +192,11 @@ class OutboundPipeline:
                 decision = decide_recipient(replace(ctx, consent_plain_email=True), policy)
             decisions[rcpt] = decision
             log_decision(message_id, decision.trace, recipient=rcpt)
-        return Prepared(sm.spool_id, raw, message_id, sm.envelope.mail_from, _visible(found),
-                        decisions)
+        headers = parse_headers(raw)
+        to_cc = addresses(headers, "To", "Cc")
+        # everyone named in To or Cc sees the others: they may share a ciphertext
+        return Prepared(sm.spool_id, raw, message_id, sm.envelope.mail_from,
+                        {a.lower() for a in to_cc}, decisions, headers=headers, to_cc=to_cc)
 
     def jobs(self, prep: Prepared) -> list[tuple[list[str], ProtectJob]]:
         """Group recipients that can share one ciphertext; each Bcc recipient alone."""
