@@ -1,22 +1,38 @@
-"""The client side towards the smarthost or the internal relay: smtplib, one connection reused.
+"""The client side towards the smarthost or the internal relay: one connection, reused.
+
+smtplib opens the connection (greeting, EHLO, STARTTLS, EHLO again: once per connection); the
+transactions are then spoken on its socket directly, through ``smtp_wire``. When the server
+advertises PIPELINING (RFC 2920), MAIL, RCPT and DATA leave in one write and their replies are
+read together, then the dot-stuffed body and its terminator leave in one write: two round trips
+a message. Otherwise the commands go in lock-step, one reply each.
 
 STARTTLS follows ``[delivery].starttls``: "required" checks the server's certificate against the
 system store or ``ca_file`` and refuses to send without TLS; "opportunistic" uses TLS when offered
 (without certificate checks, as opportunistic TLS does); "off" never uses it. A message marked
 ``require_tls`` (explicit plaintext exceptions) is never sent over a connection without TLS.
+
+Outcomes: 250 after the body is sent; a refusal is permanent for 5xx and temporary otherwise,
+its reply kept as "<code> <text>", and RSET follows it (a 421 closes the connection instead). A
+connection found lost is opened again once, then the attempt is a temporary failure.
 """
 
 from __future__ import annotations
 
 import logging
 import smtplib
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailhub.deliver import smtp_wire
+from mailhub.deliver.smtp_wire import Reply, ReplyReader
 from mailhub.errors import DeliveryError
 
 log = logging.getLogger("mailhub.deliver")
+
+_DATA = b"DATA\r\n"
+_ACCEPTED = ((250,), (250, 251), (354,))  # MAIL, RCPT, DATA
 
 
 @dataclass(frozen=True)
@@ -24,6 +40,9 @@ class SendResult:
     ok: bool
     permanent: bool
     reply: str
+
+
+SENT = SendResult(True, False, "250 accepted")
 
 
 def client_tls_context(mode: str, ca_file: Path | None) -> ssl.SSLContext:
@@ -37,6 +56,18 @@ def client_tls_context(mode: str, ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+def first_refusal(replies: list[Reply]) -> Reply | None:
+    """The reply that ends the transaction: the first of MAIL, RCPT, DATA not accepted."""
+    for reply, accepted in zip(replies, _ACCEPTED, strict=False):
+        if reply.code not in accepted:
+            return reply
+    return None
+
+
+def refused(reply: Reply) -> SendResult:
+    return SendResult(False, reply.code >= 500, str(reply))
+
+
 class SmtpConnection:
     """A reusable connection to one next hop; reconnects when the server closed it."""
 
@@ -48,76 +79,141 @@ class SmtpConnection:
         self.helo = helo
         self.timeout = timeout
         self._smtp: smtplib.SMTP | None = None
+        self._sock: socket.socket | None = None
+        self._reader: ReplyReader | None = None
         self._tls = False
+        self.features: dict[str, str] = {}  # EHLO keywords (lower case) -> parameters
 
-    def _connect(self) -> smtplib.SMTP:
+    @property
+    def pipelining(self) -> bool:
+        return "pipelining" in self.features
+
+    def _connect(self) -> None:
         try:
             smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.helo, timeout=self.timeout)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise DeliveryError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        try:
             smtp.ehlo()
-            self._tls = False
+            tls = False
             if self.starttls != "off" and smtp.has_extn("starttls"):
                 smtp.starttls(context=client_tls_context(self.starttls, self.ca_file))
                 smtp.ehlo()
-                self._tls = True
+                tls = True
             elif self.starttls == "required":
-                smtp.close()
                 raise DeliveryError(f"{self.host}:{self.port} does not offer STARTTLS and "
                                     "[delivery].starttls is \"required\"")
-        except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+        except (OSError, smtplib.SMTPException, DeliveryError) as exc:
+            smtp.close()
+            if isinstance(exc, DeliveryError):
+                raise
             raise DeliveryError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        return smtp
+        assert smtp.sock is not None
+        self._smtp, self._sock, self._tls = smtp, smtp.sock, tls
+        self._reader = ReplyReader(smtp.sock.recv)
+        self.features = dict(smtp.esmtp_features) if smtp.does_esmtp else {}
 
     def send(self, sender: str, recipient: str, data: bytes, *, require_tls: bool = False,
              smtputf8: bool = False) -> SendResult:
         """Send one message to one recipient; map every outcome to ok/temporary/permanent."""
         for attempt in (1, 2):
             try:
-                if self._smtp is None:
-                    self._smtp = self._connect()
+                if self._sock is None:
+                    self._connect()
                 if require_tls and not self._tls:
                     return SendResult(False, False, f"{self.host}:{self.port} offered no TLS and "
                                       "this message may only travel over TLS")
-                options = ["SMTPUTF8"] if smtputf8 and self._smtp.has_extn("smtputf8") else []
-                refused = self._smtp.sendmail(sender, [recipient], data, rcpt_options=[],
-                                              mail_options=options)
-                if refused:
-                    code, text = refused[recipient]
-                    return SendResult(False, code >= 500, f"{code} {text.decode('utf-8', 'replace')}")
-                return SendResult(True, False, "250 accepted")
-            except smtplib.SMTPRecipientsRefused as exc:
-                code, text = exc.recipients.get(recipient, (450, b"refused"))
-                self._reset()
-                return SendResult(False, code >= 500, f"{code} {text.decode('utf-8', 'replace')}")
-            except smtplib.SMTPResponseException as exc:
-                text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
-                self._reset()
-                return SendResult(False, exc.smtp_code >= 500, f"{exc.smtp_code} {text}")
-            except (TimeoutError, smtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                self.close()
+                return self._transaction(sender, recipient, data, smtputf8)
+            except (TimeoutError, ConnectionError) as exc:
+                self._drop()
                 if attempt == 2:
                     return SendResult(False, False, f"connection to {self.host}:{self.port} lost: {exc}")
             except DeliveryError as exc:
-                self.close()
+                self._drop()
                 return SendResult(False, False, str(exc))
-            except (OSError, smtplib.SMTPException) as exc:
-                self.close()
+            except smtp_wire.ReplyTooLong:
+                self._drop()  # as smtplib reported it; the stream is out of step: not reused
+                return SendResult(False, True, "500 Line too long.")
+            except OSError as exc:
+                self._drop()
                 return SendResult(False, False, f"{self.host}:{self.port}: {exc}")
         return SendResult(False, False, "unreachable")
 
-    def _reset(self) -> None:
+    def _transaction(self, sender: str, recipient: str, data: bytes,
+                     smtputf8: bool) -> SendResult:
+        sock, reader = self._sock, self._reader
+        assert sock is not None and reader is not None
+        utf8 = smtputf8 and "smtputf8" in self.features
+        size = len(data) if "size" in self.features else None
         try:
-            if self._smtp is not None:
-                self._smtp.rset()
-        except (OSError, smtplib.SMTPException):
-            self.close()
+            mail, rcpt = smtp_wire.envelope(sender, recipient, size=size, smtputf8=utf8)
+        except UnicodeEncodeError:
+            return SendResult(False, False, f"{self.host}:{self.port} does not offer SMTPUTF8, "
+                              "which this message's addresses need")
+        if self.pipelining:
+            sock.sendall(mail + rcpt + _DATA)
+            replies = self._read_pipelined(reader)
+        else:
+            replies = []
+            for command in (mail, rcpt, _DATA):
+                sock.sendall(command)
+                replies.append(reader.read())
+                if first_refusal(replies) is not None:
+                    break
+        refusal = first_refusal(replies)
+        if refusal is None:
+            sock.sendall(smtp_wire.data_payload(data))
+            final = reader.read()
+            if final.code == 250:
+                return SENT
+            refusal = final
+        elif len(replies) == 3 and replies[2].code == 354:
+            sock.sendall(b".\r\n")  # DATA taken after all: end the empty message, then RSET
+            reader.read()
+        self._after_refusal(refusal)
+        return refused(refusal)
+
+    def _read_pipelined(self, reader: ReplyReader) -> list[Reply]:
+        """The replies to MAIL, RCPT and DATA; after a refusal, a server that hangs up instead
+        of answering the rest leaves the refusal as the outcome."""
+        replies: list[Reply] = []
+        try:
+            while len(replies) < 3 and (not replies or replies[-1].code != 421):
+                replies.append(reader.read())
+        except (TimeoutError, ConnectionError):
+            if first_refusal(replies) is None:
+                raise
+            self._drop()
+        return replies
+
+    def _after_refusal(self, reply: Reply) -> None:
+        """RSET after a refused transaction; a 421 means the server is closing: close too."""
+        if reply.code == 421 or self._sock is None:
+            self._drop()
+            return
+        try:
+            self._sock.sendall(b"RSET\r\n")
+            assert self._reader is not None
+            self._reader.read()
+        except (OSError, ValueError):
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget the connection without a goodbye (it is broken or being refused)."""
+        smtp, self._smtp, self._sock, self._reader = self._smtp, None, None, None
+        self.features = {}
+        if smtp is not None:
+            try:
+                smtp.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
-        if self._smtp is not None:
+        """QUIT, then close."""
+        if self._sock is not None and self._reader is not None:
             try:
-                self._smtp.quit()
-            except (OSError, smtplib.SMTPException):
-                try:
-                    self._smtp.close()
-                except OSError:
-                    pass
-            self._smtp = None
+                self._sock.sendall(b"QUIT\r\n")
+                self._reader.read()
+            except (OSError, ValueError):
+                pass
+        self._drop()

@@ -1,0 +1,300 @@
+"""The delivery client against real servers on loopback: aiosmtpd (lock-step, no PIPELINING)
+and a scripted server that pipelines, speaks STARTTLS and records every byte it receives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from mailhub.deliver.smtp_client import SmtpConnection
+from tests.conftest import SinkHandler
+from tests.deliver.smtp_double import SmtpDouble, TlsFiles, make_tls_files, unstuff
+
+SENDER, RCPT = "coord@medvoyage.example", "records@clinic-a.example"
+
+# (what the hub hands the client, what must arrive after dot-unstuffing)
+BODIES = [
+    (b"Subject: plain\r\n\r\nline one\r\nline two\r\n", None),
+    (b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n", None),
+    (b".first line is a dot line\r\nx\r\n", None),
+    (b"Subject: no final line end\r\n\r\nlast line", b"Subject: no final line end\r\n\r\nlast line\r\n"),
+    (b"Subject: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe, se\xf1or \xff\r\n", None),
+    (b"Subject: bare\n\n.dot after LF\nCR only\rend\r\n", b"Subject: bare\r\n\r\n.dot after LF\r\nCR only\r\nend\r\n"),
+    (b"", b"\r\n"),
+]
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def double() -> Iterator[list[SmtpDouble]]:
+    """The scripted servers a test starts (``serve``), stopped after it."""
+    servers: list[SmtpDouble] = []
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def serve(servers: list[SmtpDouble], **script: object) -> SmtpDouble:
+    server = SmtpDouble(**script).start()  # type: ignore[arg-type]
+    servers.append(server)
+    return server
+
+
+def conn_to(server: SmtpDouble, **options: object) -> SmtpConnection:
+    return SmtpConnection("127.0.0.1", server.port, timeout=10, **options)  # type: ignore[arg-type]
+
+
+def test_lockstep_to_aiosmtpd_byte_exact(sink: tuple[SinkHandler, int]) -> None:
+    handler, port = sink
+    conn = SmtpConnection("127.0.0.1", port, timeout=10)
+    try:
+        for data, _ in BODIES:
+            assert conn.send(SENDER, RCPT, data).ok
+        assert not conn.pipelining  # aiosmtpd does not advertise it: lock-step was used
+        handler.refuse["gone@clinic-a.example"] = "550 5.1.1 no such mailbox"
+        handler.refuse["busy@clinic-a.example"] = "450 4.2.1 try later"
+        gone = conn.send(SENDER, "gone@clinic-a.example", b"x\r\n")
+        busy = conn.send(SENDER, "busy@clinic-a.example", b"x\r\n")
+        assert conn.send(SENDER, RCPT, b"after the refusals\r\n").ok  # RSET left it usable
+    finally:
+        conn.close()
+    assert (gone.ok, gone.permanent, gone.reply) == (False, True, "550 5.1.1 no such mailbox")
+    assert (busy.ok, busy.permanent, busy.reply) == (False, False, "450 4.2.1 try later")
+    got = handler.wait_for(len(BODIES) + 1)
+    assert [m.content for m in got[:len(BODIES)]] == [want or data for data, want in BODIES]
+    assert got[-1].content == b"after the refusals\r\n"
+    assert all(m.mail_from == SENDER and m.rcpt_tos == [RCPT] for m in got)
+
+
+def test_pipelined_group_and_exact_wire(double: list[SmtpDouble]) -> None:
+    # replies held until DATA: only a client that sends MAIL, RCPT and DATA together gets on
+    server = serve(double, hold_until_data=True)
+    conn = conn_to(server)
+    try:
+        for data, _ in BODIES:
+            result = conn.send(SENDER, RCPT, data)
+            assert result.ok and result.reply == "250 accepted"
+        assert conn.pipelining
+    finally:
+        conn.close()
+    assert server.connections == 1
+    assert len(server.transactions) == len(BODIES)
+    for tx, (data, want) in zip(server.transactions, BODIES, strict=True):
+        assert tx.commands == [f"MAIL FROM:<{SENDER}> SIZE={len(data)}\r\n".encode(),
+                               f"RCPT TO:<{RCPT}>\r\n".encode(), b"DATA\r\n"]
+        assert tx.body is not None and unstuff(tx.body) == (want or data)
+    dots = server.transactions[1].body
+    assert dots == b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n"
+    assert server.transactions[2].body == b"..first line is a dot line\r\nx\r\n"
+    assert server.verbs()[-1] == "QUIT"
+
+
+@pytest.mark.parametrize("reply,permanent", [("550 5.1.1 no such mailbox", True),
+                                             ("451 4.3.0 greylisted, try later", False)])
+def test_refused_rcpt_then_rset(double: list[SmtpDouble], reply: str, permanent: bool) -> None:
+    server = serve(double, rcpt_replies={"gone@clinic-a.example": reply})
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, "gone@clinic-a.example", b"secret body\r\n")
+        assert conn.send(SENDER, RCPT, b"next\r\n").ok
+    finally:
+        conn.close()
+    assert (result.ok, result.permanent, result.reply) == (False, permanent, reply)
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "RSET",
+                              "MAIL", "RCPT", "DATA", "QUIT"]
+    assert len(server.transactions) == 1 and server.transactions[0].body == b"next\r\n"
+    assert server.connections == 1
+
+
+def test_refused_mail_reports_mail_reply(double: list[SmtpDouble]) -> None:
+    server = serve(double, mail_reply="553 5.1.8 sender domain unknown")
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert (result.ok, result.permanent) == (False, True)
+    assert result.reply == "553 5.1.8 sender domain unknown"  # not the 554 that DATA got
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT"]
+    assert server.transactions == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_refused_data_command(double: list[SmtpDouble], pipelining: bool) -> None:
+    server = serve(double, pipelining=pipelining, data_reply="554 5.3.0 not now")
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert (result.ok, result.permanent, result.reply) == (False, True, "554 5.3.0 not now")
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT"]
+
+
+@pytest.mark.parametrize("final,permanent", [("552 5.3.4 message too big", True),
+                                             ("451 4.3.0 local error", False)])
+def test_refused_after_body(double: list[SmtpDouble], final: str, permanent: bool) -> None:
+    server = serve(double, final_reply=final)
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert (result.ok, result.permanent, result.reply) == (False, permanent, final)
+    assert server.verbs()[-2:] == ["RSET", "QUIT"]
+
+
+def test_data_accepted_after_refused_rcpt_gets_empty_end(double: list[SmtpDouble]) -> None:
+    server = serve(double, rcpt_replies={RCPT: "550 5.1.1 unknown"}, data_reply="354 go on")
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"must not be sent\r\n")
+    finally:
+        conn.close()
+    assert result.reply == "550 5.1.1 unknown" and result.permanent
+    assert [tx.body for tx in server.transactions] == [b""]  # "." alone: no content left
+    assert server.verbs()[-2:] == ["RSET", "QUIT"]
+
+
+def test_421_closes_instead_of_rset(double: list[SmtpDouble]) -> None:
+    server = serve(double, mail_reply="421 4.3.2 shutting down")
+    conn = conn_to(server)
+    result = conn.send(SENDER, RCPT, b"x\r\n")
+    conn.close()
+    assert (result.ok, result.permanent, result.reply) == (False, False, "421 4.3.2 shutting down")
+    assert "RSET" not in server.verbs() and "QUIT" not in server.verbs()
+
+
+def test_multiline_replies(double: list[SmtpDouble]) -> None:
+    server = serve(double, mail_reply="250-2.1.0 first\r\n250-2.1.0 second\r\n250 2.1.0 ok",
+                   rcpt_replies={"gone@clinic-a.example":
+                                 "550-5.1.1 no such mailbox\r\n550 5.1.1 see the directory"})
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, "gone@clinic-a.example", b"x\r\n")
+        assert conn.send(SENDER, RCPT, b"y\r\n").ok  # replies stayed in step
+    finally:
+        conn.close()
+    assert result.reply == "550 5.1.1 no such mailbox\n5.1.1 see the directory"
+    assert result.permanent
+
+
+@pytest.mark.parametrize("drop_at", ["MAIL", "."])
+def test_reconnects_once_after_a_drop(double: list[SmtpDouble], drop_at: str) -> None:
+    server = serve(double, drop_at=drop_at, drops=1)
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert result.ok
+    assert server.connections == 2 and len(server.transactions) == 1
+
+
+def test_drop_twice_is_a_temporary_failure(double: list[SmtpDouble]) -> None:
+    server = serve(double, drop_at="MAIL", drops=-1)
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert not result.ok and not result.permanent
+    assert result.reply.startswith(f"connection to 127.0.0.1:{server.port} lost")
+    assert server.connections == 2 and server.transactions == []
+
+
+def test_unreachable_is_temporary() -> None:
+    from tests.conftest import free_port
+
+    result = SmtpConnection("127.0.0.1", free_port(), timeout=5).send(SENDER, RCPT, b"x\r\n")
+    assert not result.ok and not result.permanent and "cannot connect" in result.reply
+
+
+def test_starttls_required_checks_the_certificate(double: list[SmtpDouble],
+                                                  tls_files: TlsFiles) -> None:
+    server = serve(double, tls=tls_files.server_context())
+    bad = conn_to(server, starttls="required", ca_file=tls_files.other_ca)
+    refused = bad.send(SENDER, RCPT, b"x\r\n")
+    bad.close()
+    assert not refused.ok and not refused.permanent and "cannot connect" in refused.reply
+    assert "MAIL" not in server.verbs()
+    good = conn_to(server, starttls="required", ca_file=tls_files.ca)
+    try:
+        assert good.send(SENDER, RCPT, b"x\r\n", require_tls=True).ok
+    finally:
+        good.close()
+    assert [tx.tls for tx in server.transactions] == [True]
+
+
+def test_opportunistic_tls_without_certificate_checks(double: list[SmtpDouble],
+                                                      tls_files: TlsFiles) -> None:
+    server = serve(double, tls=tls_files.server_context())
+    conn = conn_to(server)  # opportunistic: the test CA is unknown, TLS is used anyway
+    try:
+        assert conn.send(SENDER, RCPT, b"x\r\n", require_tls=True).ok
+    finally:
+        conn.close()
+    assert [tx.tls for tx in server.transactions] == [True]
+
+
+def test_starttls_required_but_not_offered(double: list[SmtpDouble]) -> None:
+    server = serve(double)
+    conn = conn_to(server, starttls="required")
+    result = conn.send(SENDER, RCPT, b"x\r\n")
+    conn.close()
+    assert not result.ok and not result.permanent and "does not offer STARTTLS" in result.reply
+    assert "MAIL" not in server.verbs()
+
+
+@pytest.mark.parametrize("with_tls", [False, True])
+def test_require_tls_never_over_plaintext(double: list[SmtpDouble], tls_files: TlsFiles,
+                                          with_tls: bool) -> None:
+    # no TLS offered; or offered but [delivery].starttls = "off"
+    server = serve(double, tls=tls_files.server_context() if with_tls else None)
+    conn = conn_to(server, starttls="off" if with_tls else "opportunistic")
+    try:
+        result = conn.send(SENDER, RCPT, b"plaintext exception\r\n", require_tls=True)
+        assert conn.send(SENDER, RCPT, b"ordinary\r\n").ok
+    finally:
+        conn.close()
+    assert not result.ok and not result.permanent and "offered no TLS" in result.reply
+    assert [tx.body for tx in server.transactions] == [b"ordinary\r\n"]
+    assert "STAR" not in server.verbs()
+
+
+def test_smtputf8_when_needed(double: list[SmtpDouble]) -> None:
+    server = serve(double)
+    conn = conn_to(server)
+    try:
+        assert conn.send("koordinátor@medvoyage.example", RCPT, b"x\r\n", smtputf8=True).ok
+    finally:
+        conn.close()
+    assert server.transactions[0].commands[0] == (
+        "MAIL FROM:<koordinátor@medvoyage.example> SIZE=3 SMTPUTF8\r\n".encode())
+
+
+def test_smtputf8_needed_but_not_offered(double: list[SmtpDouble]) -> None:
+    server = serve(double, smtputf8=False)
+    conn = conn_to(server)
+    try:
+        result = conn.send("koordinátor@medvoyage.example", RCPT, b"x\r\n", smtputf8=True)
+        assert conn.send(SENDER, RCPT, b"y\r\n").ok
+    finally:
+        conn.close()
+    assert not result.ok and not result.permanent and "SMTPUTF8" in result.reply
+    assert [tx.body for tx in server.transactions] == [b"y\r\n"]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+def test_quit_on_close(double: list[SmtpDouble]) -> None:
+    server = serve(double)
+    conn = conn_to(server)
+    assert conn.send(SENDER, RCPT, b"x\r\n").ok
+    conn.close()
+    conn.close()  # twice is harmless
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]

@@ -1,0 +1,232 @@
+"""The delivery worker on a real SQLite queue against real loopback servers: claimed before the
+first byte goes out, marked sent only after the 250, retries, failures and the DSN hook."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from mailhub.config import DeliveryConfig, HostPort
+from mailhub.crypto.atrest import AtRest
+from mailhub.deliver import queue
+from mailhub.deliver.worker import DeliveryWorker
+from mailhub.store.db import make_engine, migrate
+from mailhub.store.models import OutboundItem, utcnow
+from tests.deliver.smtp_double import SmtpDouble, unstuff
+
+SENDER = "coord@medvoyage.example"
+
+
+@dataclass
+class Store:
+    engine: Engine
+    sealer: AtRest
+    root: Path
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+    def enqueue(self, recipient: str, body: bytes, *, payload: bool = True,
+                **values: object) -> int:
+        with Session(self.engine) as session:
+            pid = queue.insert_payload(session, body, self.sealer) if payload else None
+            n = len(queue.list_items(self.engine))
+            item = queue.insert_item(session, source_id=f"spool-{n}", message_id=f"<m{n}@pc>",
+                                     sender=SENDER, recipient=recipient, payload_id=pid,
+                                     **values)
+            session.commit()
+            return item
+
+    def row(self, item_id: int) -> OutboundItem:
+        with Session(self.engine) as session:
+            row = session.get(OutboundItem, item_id)
+            assert row is not None
+            return row
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    root = Path(tempfile.mkdtemp(prefix="mhw", dir="/tmp"))
+    engine = make_engine(f"sqlite:///{root}/hub.sqlite")
+    migrate(engine)
+    try:
+        yield Store(engine, AtRest(os.urandom(32)), root)
+    finally:
+        engine.dispose()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[SmtpDouble]]:
+    started: list[SmtpDouble] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def serve(started: list[SmtpDouble], **script: object) -> SmtpDouble:
+    server = SmtpDouble(**script).start()  # type: ignore[arg-type]
+    started.append(server)
+    return server
+
+
+def make_worker(store: Store, server: SmtpDouble, *, commits: bool = True,
+                internal: SmtpDouble | None = None, **cfg: object) -> DeliveryWorker:
+    config = DeliveryConfig(
+        smarthost=HostPort("127.0.0.1", server.port), workers=2, retry_initial=60,
+        internal_relay=HostPort("127.0.0.1", internal.port) if internal else None,
+        **cfg)  # type: ignore[arg-type]
+    return DeliveryWorker(store.engine, store.sealer, config, helo="medvoyage.example",
+                          commits=queue.GroupCommit(store.engine) if commits else None,
+                          on_failed=lambda item, reply: store.failed.append((item.id, reply)))
+
+
+def drain(worker: DeliveryWorker) -> None:
+    """One batch, every send finished, every outcome committed; then the worker shut down."""
+    worker.run_batch()
+    worker.wait_idle()
+    worker.close()
+    if worker.commits is not None:
+        worker.commits.close()  # finishes the queued sent marks first
+
+
+@pytest.mark.parametrize("commits", [True, False])
+def test_claimed_before_sending_marked_sent_after_250(store: Store, servers: list[SmtpDouble],
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      commits: bool) -> None:
+    server = serve(servers, hold_until_data=True)
+    bodies = [b"Subject: one\r\n\r\n.dot\r\n", b"two without line end", b"\xc3\xa9t\xc3\xa9\r\n"]
+    ids = [store.enqueue(f"r{i}@clinic-a.example", body) for i, body in enumerate(bodies)]
+    seen: list[tuple[str, bool]] = []
+
+    def at_body() -> None:  # runs when the server has the body, before it answers 250
+        row = store.row(ids[len(server.transactions) - 1])
+        seen.append((row.status, row.sending_since is not None))
+
+    server.on_data.append(at_body)
+    worker = make_worker(store, server, commits=commits)
+    with caplog.at_level(logging.INFO, logger="mailhub.deliver"):
+        drain(worker)
+    assert seen == [("queued", True)] * 3
+    for item_id in ids:
+        row = store.row(item_id)
+        assert (row.status, row.reason, row.sending_since, row.attempts) == (
+            "sent", "250 accepted", None, 1)
+    got = sorted(server.transactions, key=lambda tx: tx.commands[1])
+    assert [unstuff(tx.body or b"") for tx in got] == [
+        bodies[0], b"two without line end\r\n", bodies[2]]
+    sent_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sent ")]
+    assert sorted(sent_lines) == sorted(
+        f"sent queue_id={i} message_id=<m{n}@pc> to=r{n}@clinic-a.example relay=smarthost"
+        for n, i in enumerate(ids))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_temporary_refusal_is_retried_with_backoff(store: Store,
+                                                   servers: list[SmtpDouble]) -> None:
+    server = serve(servers, rcpt_replies={"busy@clinic-a.example": "451 4.3.0 try later"})
+    item = store.enqueue("busy@clinic-a.example", b"x\r\n")
+    before = utcnow()
+    drain(make_worker(store, server))
+    row = store.row(item)
+    assert (row.status, row.reason, row.sending_since, row.attempts) == (
+        "queued", "451 4.3.0 try later", None, 1)
+    assert row.next_attempt_at >= before + timedelta(seconds=60)
+    assert store.failed == [] and server.transactions == []
+    assert server.verbs().count("RSET") == 1
+
+
+def test_permanent_refusal_fails_and_notifies(store: Store, servers: list[SmtpDouble]) -> None:
+    server = serve(servers, rcpt_replies={"gone@clinic-a.example": "550 5.1.1 no such user"})
+    item = store.enqueue("gone@clinic-a.example", b"x\r\n")
+    ok = store.enqueue("here@clinic-a.example", b"y\r\n")
+    drain(make_worker(store, server))
+    assert (store.row(item).status, store.row(item).reason) == ("failed", "550 5.1.1 no such user")
+    assert store.failed == [(item, "550 5.1.1 no such user")]
+    assert store.row(ok).status == "sent"
+
+
+def test_gives_up_after_the_limit(store: Store, servers: list[SmtpDouble]) -> None:
+    server = serve(servers, final_reply="452 4.3.1 out of storage")
+    item = store.enqueue("r@clinic-a.example", b"x\r\n", created_at=utcnow() - timedelta(days=6))
+    drain(make_worker(store, server))
+    assert store.row(item).status == "failed"
+    assert store.failed == [(item, "452 4.3.1 out of storage")]
+
+
+def test_missing_payload_fails(store: Store, servers: list[SmtpDouble]) -> None:
+    server = serve(servers)
+    item = store.enqueue("r@clinic-a.example", b"", payload=False)
+    drain(make_worker(store, server))
+    assert (store.row(item).status, store.row(item).reason) == ("failed", "payload missing")
+    assert server.connections == 0
+
+
+def test_require_tls_row_waits_for_tls(store: Store, servers: list[SmtpDouble]) -> None:
+    server = serve(servers)  # no STARTTLS
+    item = store.enqueue("desk@airline.example", b"x\r\n", require_tls=True)
+    drain(make_worker(store, server))
+    row = store.row(item)
+    assert row.status == "queued" and "offered no TLS" in row.reason
+    assert server.transactions == [] and "MAIL" not in server.verbs()
+
+
+def test_internal_relay_and_smtputf8(store: Store, servers: list[SmtpDouble]) -> None:
+    smarthost, internal = serve(servers), serve(servers)
+    store.enqueue("ops@medvoyage.example", b"inbound copy\r\n", relay="internal")
+    store.enqueue("pacienté@clinic-a.example", b"out\r\n")
+    drain(make_worker(store, smarthost, internal=internal))
+    assert [tx.body for tx in internal.transactions] == [b"inbound copy\r\n"]
+    assert [tx.body for tx in smarthost.transactions] == [b"out\r\n"]
+    assert smarthost.transactions[0].commands[0].endswith(b" SMTPUTF8\r\n")
+    assert not internal.transactions[0].commands[0].endswith(b" SMTPUTF8\r\n")
+
+
+@pytest.mark.parametrize("commits", [True, False])
+def test_run_loop_wakes_from_any_thread_and_quits_on_close(store: Store,
+                                                           servers: list[SmtpDouble],
+                                                           commits: bool) -> None:
+    server = serve(servers)
+    worker = make_worker(store, server, commits=commits)
+    later = [f"later {i}\r\n".encode() for i in range(10)]  # more than workers: a batch tail
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, idle=3600))  # only a wake can start it
+        await asyncio.sleep(0.05)
+        store.enqueue("r@clinic-a.example", b"first\r\n")
+        worker.wake()
+        await wait_for(lambda: len(server.transactions) == 1)
+        for body in later:
+            store.enqueue("r@clinic-a.example", body)
+        threading.Thread(target=worker.wake).start()  # as the DSN hook does, off the loop
+        await wait_for(lambda: len(server.transactions) == 11)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await asyncio.to_thread(worker.close)
+
+    asyncio.run(scenario())
+    if worker.commits is not None:
+        worker.commits.close()
+    assert server.transactions[0].body == b"first\r\n"
+    assert sorted(tx.body or b"" for tx in server.transactions[1:]) == sorted(later)
+    assert server.verbs().count("QUIT") == server.connections  # every connection said goodbye
+    assert {r.status for r in queue.list_items(store.engine)} == {"sent"}
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached")
