@@ -175,8 +175,10 @@ async def _sink_session(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
             verb = line[:4].upper()
             if verb == b"EHLO":
                 ext = b"250-STARTTLS\r\n" if tls and writer.get_extra_info("sslcontext") is None else b""
-                writer.write(b"250-sink\r\n" + ext + b"250-8BITMIME\r\n250-SMTPUTF8\r\n"
-                             b"250 SIZE 104857600\r\n")
+                # PIPELINING as Postfix, the usual smarthost, offers it (commands are read
+                # line by line, so pipelined ones are answered in order)
+                writer.write(b"250-sink\r\n" + ext + b"250-PIPELINING\r\n250-8BITMIME\r\n"
+                             b"250-SMTPUTF8\r\n250 SIZE 104857600\r\n")
             elif verb == b"STAR" and tls is not None:
                 writer.write(b"220 2.0.0 go ahead\r\n")
                 await writer.drain()

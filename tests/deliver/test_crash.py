@@ -295,7 +295,9 @@ def crash_and_recover(inst: Instance, serve: Serve, sink: SlowSink, burst: Burst
     assert not lost, f"acknowledged but never delivered: {sorted(lost)[:5]}"
     twice = {key for key, n in delivered.items() if n > 1}
     assert twice <= allowed, f"sent twice, not in flight: {sorted(twice - allowed)[:5]}"
-    assert not sql(inst, "SELECT id FROM outbound WHERE status IN ('held', 'failed')")
+    stuck = sql(inst, "SELECT id, status, recipient, kind, reason FROM outbound "
+                      "WHERE status IN ('held', 'failed')")
+    assert not stuck, f"held or failed after the crash: {stuck[:3]}"
     return flight
 
 
