@@ -53,14 +53,19 @@ class KeySnapshot:
         return tuple(row)
 
     def refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._checked < self.check_every:
+        """Reload when the table changed (looked at once per ``check_every`` at most).
+
+        Until a first snapshot is loaded every caller waits for it: a caller that went on
+        with the empty map would see no key and hold a message that has one."""
+        if not force and self._fresh():
             return
         with self._lock:
-            self._checked = now
+            if not force and self._fresh():
+                return  # another thread refreshed it while this one waited
             with Session(self.engine) as session:
                 stamp = self._current_stamp(session)
                 if stamp == self._stamp and not force:
+                    self._checked = time.monotonic()
                     return
                 rows = session.exec(select(KeyRecord).where(KeyRecord.own == False)).all()  # noqa: E712
             by_addr: dict[str, list[KeyRecord]] = defaultdict(list)
@@ -68,6 +73,10 @@ class KeySnapshot:
                 by_addr[rec.address.lower()].append(rec)
             self._by_addr = dict(by_addr)
             self._stamp = stamp
+            self._checked = time.monotonic()
+
+    def _fresh(self) -> bool:
+        return self._stamp is not None and time.monotonic() - self._checked < self.check_every
 
     def candidates(self, address: str) -> tuple[KeyCandidate, ...]:
         self.refresh()
