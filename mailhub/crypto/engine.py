@@ -52,6 +52,36 @@ def protect_bytes(raw: bytes, job: ProtectJob) -> bytes:
     raise CryptoError(f"unknown protection method {job.method!r}")
 
 
+Outcome = bytes | BaseException
+
+
+def protect_chunk(items: list[tuple[bytes, ProtectJob]]) -> list[tuple[str, bytes | str]]:
+    """Protect several messages in one worker call (one pipe round trip for all of them).
+
+    Each outcome is ("ok", wire bytes), ("error", a MailhubError's text: safe to show) or
+    ("internal", a description for the log): exceptions themselves may not survive pickling."""
+    from mailhub.errors import MailhubError
+
+    out: list[tuple[str, bytes | str]] = []
+    for raw, job in items:
+        try:
+            out.append(("ok", protect_bytes(raw, job)))
+        except MailhubError as exc:
+            out.append(("error", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, never lost
+            out.append(("internal", repr(exc)))
+    return out
+
+
+def _outcome(kind: str, value: bytes | str) -> Outcome:
+    if kind == "ok":
+        assert isinstance(value, bytes)
+        return value
+    if kind == "error":
+        return CryptoError(str(value))
+    return RuntimeError(str(value))
+
+
 def _exit_with_parent(parent: int) -> None:
     """A worker whose hub was killed (kill -9 leaves no time to stop the pool) exits too."""
 
@@ -80,6 +110,25 @@ class CryptoEngine:
             return await asyncio.to_thread(protect_bytes, raw, job)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, protect_bytes, raw, job)
+
+    async def protect_many(self, items: list[tuple[bytes, ProtectJob]]) -> list[Outcome]:
+        """Protect a batch: split into one chunk per worker, so a batch of messages costs a
+        pipe round trip per worker instead of one per message. Outcomes in input order."""
+        if not items:
+            return []
+        n = max(1, min(self.workers, len(items)))
+        chunks = [items[i::n] for i in range(n)]  # round robin: similar sizes side by side
+        if self._pool is None:
+            done = [await asyncio.to_thread(protect_chunk, c) for c in chunks]
+        else:
+            loop = asyncio.get_running_loop()
+            done = await asyncio.gather(*(loop.run_in_executor(self._pool, protect_chunk, c)
+                                          for c in chunks))
+        out: list[Outcome] = [b""] * len(items)
+        for i, chunk_out in enumerate(done):
+            for j, (kind, value) in enumerate(chunk_out):
+                out[i + j * n] = _outcome(kind, value)
+        return out
 
     async def call(self, fn: Any, *args: Any) -> Any:
         """Run any picklable crypto function (e.g. opening inbound mail) in the pool."""

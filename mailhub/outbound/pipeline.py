@@ -228,13 +228,22 @@ class OutboundPipeline:
         return out
 
     async def protect(self, prep: Prepared) -> None:
-        for rcpt, d in prep.decisions.items():
-            if d.action == "plaintext":
-                prep.outputs[rcpt] = prep.raw
-        jobs = self.jobs(prep)
-        results = await asyncio.gather(*(self.crypto.protect(prep.raw, job) for _, job in jobs),
-                                       return_exceptions=True)
-        for (rcpts, job), result in zip(jobs, results, strict=True):
+        await self.protect_all([prep])
+
+    async def protect_all(self, preps: list[Prepared]) -> None:
+        """Sign and encrypt every protection group of a batch in one call to the crypto pool;
+        a failure holds only the recipients of its own group."""
+        work: list[tuple[Prepared, list[str], ProtectJob]] = []
+        for prep in preps:
+            for rcpt, d in prep.decisions.items():
+                if d.action == "plaintext":
+                    prep.outputs[rcpt] = prep.raw
+            work += [(prep, rcpts, job) for rcpts, job in self.jobs(prep)]
+        try:
+            results = await self.crypto.protect_many([(p.raw, job) for p, _, job in work])
+        except Exception as exc:  # noqa: BLE001 - the pool itself failed: every group of it
+            results = [exc] * len(work)
+        for (prep, rcpts, job), result in zip(work, results, strict=True):
             for rcpt in rcpts:
                 if isinstance(result, bytes):
                     prep.outputs[rcpt] = result
@@ -339,7 +348,7 @@ class OutboundPipeline:
             await self._in_transaction(lambda session: self.file_cases_in(session, preps))
             for prep in preps:
                 self.tag_subject(prep)
-        await asyncio.gather(*(self.protect(prep) for prep in preps))
+        await self.protect_all(preps)
         jobs = [self.job(prep) for prep in preps]
         await self._in_transaction(lambda session: self.writer.write_many(session, jobs))
 

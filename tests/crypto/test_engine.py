@@ -1,0 +1,57 @@
+"""The crypto pool's batch call: outcomes in order, one bad job fails only itself."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mailhub.crypto.certs import generate_smime_identity
+from mailhub.crypto.engine import CryptoEngine, ProtectJob
+from mailhub.errors import CryptoError
+
+HUB = "hub@medvoyage.example"
+CLINIC = "records@clinic-b.example"
+
+
+def message(n: int) -> bytes:
+    return (f"From: Coordinator <coord@medvoyage.example>\r\nTo: <{CLINIC}>\r\n"
+            f"Subject: batch {n}\r\nMessage-ID: <batch-{n}@medvoyage.example>\r\n"
+            f"Content-Type: text/plain\r\n\r\nMARKER-{n} dates for the transfer\r\n").encode()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_protect_many_keeps_order_and_isolates_failures(tmp_path: Path, workers: int) -> None:
+    hub_key, hub_cert = generate_smime_identity(HUB, "Hub")
+    clinic_key, clinic_cert = generate_smime_identity(CLINIC, "Clinic B")
+    good = ProtectJob("smime", signer_key_pem=hub_key, signer_cert_pem=hub_cert,
+                      recipient_cert_pems=(clinic_cert, hub_cert))
+    bad = ProtectJob("smime", signer_key_pem=hub_key, signer_cert_pem=hub_cert,
+                     recipient_cert_pems=(b"not a certificate",))
+    items = [(message(n), bad if n == 3 else good) for n in range(7)]
+    engine = CryptoEngine(workers)
+    try:
+        outcomes = asyncio.run(engine.protect_many(items))
+    finally:
+        engine.close()
+    assert len(outcomes) == 7
+    assert isinstance(outcomes[3], CryptoError)
+    key = tmp_path / "clinic.key"
+    key.write_bytes(clinic_key)
+    for n, out in enumerate(outcomes):
+        if n == 3:
+            continue
+        assert isinstance(out, bytes) and b"MARKER" not in out  # encrypted
+        (tmp_path / "m.eml").write_bytes(out)
+        plain = subprocess.run(["openssl", "cms", "-decrypt", "-in", str(tmp_path / "m.eml"),
+                                "-inkey", str(key)], capture_output=True, timeout=60)
+        assert plain.returncode == 0, plain.stderr
+        # the n-th outcome is the n-th message (signed inside, so the marker is readable now)
+        assert f"MARKER-{n} ".encode() in plain.stdout
+        assert b"MARKER-" + str((n + 1) % 7).encode() + b" " not in plain.stdout
+
+
+def test_protect_many_of_nothing() -> None:
+    assert asyncio.run(CryptoEngine(0).protect_many([])) == []
