@@ -34,6 +34,9 @@ from mailhub.spool.index import ListenerIndex
 _sync = getattr(os, "fdatasync", os.fsync)  # appends: the size is synced either way
 
 
+IDLE_CLOSE = 30.0  # seconds without an append before the open segment is closed
+
+
 class Ticket:
     """One appended record waiting for its fsync."""
 
@@ -76,10 +79,12 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
 class SegmentWriter:
     """This process's appends to one listener folder."""
 
-    def __init__(self, folder: Path, index: ListenerIndex, limit: int) -> None:
+    def __init__(self, folder: Path, index: ListenerIndex, limit: int,
+                 idle_close: float = IDLE_CLOSE) -> None:
         self.folder = folder
         self.index = index
         self.limit = limit
+        self.idle_close = idle_close
         self.fsync_count = 0  # fsync rounds run (tests check that appends share them)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the syncer waits here
@@ -178,7 +183,10 @@ class SegmentWriter:
             with self._lock:
                 while (self._appended == self._covered and not self._retiring
                        and not self._closed):
-                    self._work.wait()
+                    if not self._work.wait(self.idle_close) and self._fd is not None:
+                        # idle: close the segment, so that once its records are done it can
+                        # be deleted (processed mail, even sealed, is not kept around)
+                        self._retire()
                 if self._closed and self._appended == self._covered and not self._retiring:
                     return
             self._sync_round()

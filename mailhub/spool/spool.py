@@ -28,7 +28,7 @@ from mailhub.crypto.atrest import write_durable
 from mailhub.errors import StoreError
 from mailhub.spool.frames import MAX_ID_LEN
 from mailhub.spool.index import ListenerIndex
-from mailhub.spool.journal import SegmentWriter
+from mailhub.spool.journal import IDLE_CLOSE, SegmentWriter
 
 log = logging.getLogger("mailhub.spool")
 
@@ -90,10 +90,11 @@ class Spool:
     """Sealed, fsync'd messages, one folder of segments per listener."""
 
     def __init__(self, root: Path | str, sealer: Sealer, *,
-                 segment_limit: int = SEGMENT_LIMIT) -> None:
+                 segment_limit: int = SEGMENT_LIMIT, idle_close: float = IDLE_CLOSE) -> None:
         self.root = Path(root)
         self.sealer = sealer
         self.segment_limit = segment_limit
+        self.idle_close = idle_close
         self._indexes: dict[str, ListenerIndex] = {}
         self._writers: dict[str, SegmentWriter] = {}
         self._writers_lock = threading.Lock()
@@ -136,7 +137,8 @@ class Spool:
                 writer = self._writers.get(listener)
                 if writer is None:
                     writer = self._writers[listener] = SegmentWriter(
-                        self.root / listener, self._indexes[listener], self.segment_limit)
+                        self.root / listener, self._indexes[listener], self.segment_limit,
+                        self.idle_close)
         return writer
 
     @property

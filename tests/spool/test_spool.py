@@ -4,6 +4,7 @@ deletion, contains, shunt, and reading the old one-file-per-message layout."""
 from __future__ import annotations
 
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -138,4 +139,23 @@ def test_old_one_file_per_message_layout_is_still_read(tmp_path: Path) -> None:
     spool.remove("submission", "18e0-old")
     assert not (folder / "18e0-old.msg").exists()
     assert spool.pending("submission") == [new]
+    spool.close()
+
+
+def test_an_idle_segment_is_closed_so_its_done_records_can_go(tmp_path: Path) -> None:
+    """A writer that stops receiving mail closes its segment after ``idle_close``: processed
+    mail does not stay on disk (even sealed) until a rotation that may never come."""
+    spool = Spool(tmp_path, sealer(), idle_close=0.2)
+    sids = [spool.accept(envelope(n=i), body(i)) for i in range(2)]
+    for sid in sids:
+        spool.remove("submission", sid)
+    assert len(segments(spool)) == 1  # still open: the writer may append more
+    deadline = time.monotonic() + 10
+    while segments(spool) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        spool.pending("submission")  # the reader notices the closed, all-done segment
+    assert files(spool) == []
+    later = spool.accept(envelope(n=9), body(9))  # a new segment opens on the next message
+    assert spool.load("submission", later).content == body(9)
+    assert len(segments(spool)) == 1
     spool.close()
