@@ -57,13 +57,10 @@ class Sealer(Protocol):
     def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes: ...
 
 
-_INSERT_PAYLOAD = insert(Payload.__table__)  # type: ignore[attr-defined]
 _SEAL_PAYLOAD = (update(Payload.__table__)  # type: ignore[attr-defined]
                  .where(Payload.__table__.c.id == bindparam("pid"))  # type: ignore[attr-defined]
                  .values(sealed=bindparam("blob")))
 _T = OutboundItem.__table__  # type: ignore[attr-defined]
-_INSERT_ITEM = insert(_T)
-_EXISTING = select(_T.c.recipient).where(_T.c.source_id == bindparam("sid"))
 _P = Payload.__table__  # type: ignore[attr-defined]
 _SEALED = select(_P.c.id, _P.c.sealed).where(_P.c.id.in_(bindparam("ids", expanding=True)))
 
@@ -127,10 +124,6 @@ def add_payload(session: Session, sealed: bytes) -> int:
     session.flush()
     assert payload.id is not None
     return payload.id
-
-
-def existing_recipients(session: Session, source_id: str) -> set[str]:
-    return set(session.execute(_EXISTING, {"sid": source_id}).scalars())
 
 
 class GroupCommit:
