@@ -86,13 +86,13 @@ _DROPPED = frozenset({"bcc", "mailhub-protection"})
 _WANTED = ("message-id", "date")
 
 
-def ensure_headers_with(raw: bytes, domain: str, *, spool_id: str | None = None,
-                        received_at: float | None = None) -> tuple[bytes, str, dict[str, str]]:
-    """``ensure_headers``, also returning the first Message-ID and Date values it found.
+def ensure_headers(raw: bytes, domain: str, *, spool_id: str | None = None,
+                   received_at: float | None = None) -> tuple[bytes, str]:
+    """Keep the client's Message-ID; add one (and a Date) only when missing; drop Bcc.
 
     With ``spool_id`` (and ``received_at``), an added Message-ID (and Date) derive from the
     spooled message, so preparing it again (a retry, a replay after a crash) gives the same
-    ones and the message is filed and queued under one id."""
+    ones and the message is filed and queued under one id. One pass over the headers."""
     fields, eol, body = split_message(raw)
     kept = [f for f in fields if field_name(f) not in _DROPPED]
     found = _first_values(kept, _WANTED)
@@ -107,12 +107,6 @@ def ensure_headers_with(raw: bytes, domain: str, *, spool_id: str | None = None,
         added.append(f"Date: {format_datetime(when)}".encode())
     if added or len(kept) != len(fields):
         raw = join_message(added + kept, eol, body)
-    return raw, message_id, found
-
-
-def ensure_headers(raw: bytes, domain: str) -> tuple[bytes, str]:
-    """Keep the client's Message-ID; add one (and a Date) only when missing; drop Bcc."""
-    raw, message_id, _ = ensure_headers_with(raw, domain)
     return raw, message_id
 
 
@@ -174,7 +168,7 @@ class OutboundPipeline:
 
     def prepare(self, sm: SpooledMessage) -> Prepared:
         cfg = self.hub.config
-        raw, message_id, found = ensure_headers_with(
+        raw, message_id = ensure_headers(
             sm.content, cfg.hub.domain, spool_id=sm.spool_id,
             received_at=sm.envelope.received_at)
         policy = self.hub.policy_cache.current()

@@ -100,6 +100,16 @@ def _mail_by_source(hub: Hub) -> dict[str, set[tuple[str, str]]]:
     return out
 
 
+
+def _open_ana(hub: Hub) -> str:
+    """Open the patient's case; its id."""
+    with session(hub) as s:
+        case = open_case(s, patient_name="Ana", patient_email=PATIENT, timezone="Europe/Lisbon",
+                         language="pt", procedure="hip-replacement", clinic="Clinic A",
+                         actor="test")
+        s.commit()
+        return str(case.id)
+
 def test_missing_and_unopenable_entries_fail_alone(hub: Hub) -> None:
     pipeline = OutboundPipeline(hub, CryptoEngine(0))
     good = [_spool(hub, n) for n in range(3)]
@@ -136,12 +146,7 @@ def test_missing_and_unopenable_entries_fail_alone(hub: Hub) -> None:
 
 
 def test_a_message_that_breaks_the_shared_write_fails_alone(hub: Hub) -> None:
-    with session(hub) as s:
-        case = open_case(s, patient_name="Ana", patient_email=PATIENT, timezone="Europe/Lisbon",
-                         language="pt", procedure="hip-replacement", clinic="Clinic A",
-                         actor="test")
-        s.commit()
-        cid = case.id
+    cid = _open_ana(hub)
     queued: list[int] = []
     pipeline = OutboundPipeline(hub, CryptoEngine(0), case_hook=_case_hook(hub),
                                 on_queued=lambda: queued.append(1))
@@ -203,12 +208,7 @@ def test_rows_committed_before_a_crash_are_not_written_again(hub: Hub) -> None:
 
 
 def test_a_retried_batch_files_a_message_without_message_id_once(hub: Hub) -> None:
-    with session(hub) as s:
-        case = open_case(s, patient_name="Ana", patient_email=PATIENT, timezone="Europe/Lisbon",
-                         language="pt", procedure="hip-replacement", clinic="Clinic A",
-                         actor="test")
-        s.commit()
-        cid = case.id
+    cid = _open_ana(hub)
     pipeline = OutboundPipeline(hub, CryptoEngine(0), case_hook=_case_hook(hub))
     no_id = _spool(hub, 1, to=(AIRLINE,), subject=f"[{cid}] flights", msgid=False)
     broken = _spool(hub, 2, to=("nokey@elsewhere.example",), sender="x@medvoyage.example\r\nX: y")
