@@ -30,6 +30,7 @@ from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailhub.crypto.protection import Protection
+from mailhub.parse.checks import plain_header_block
 from mailhub.parse.headers import addresses, normalize_address, raw_headers, safe_header
 from mailhub.parse.msgid import dedupe_and_cap, normalize_msgid, parse_msgid_list
 from mailhub.store.models import (
@@ -91,6 +92,11 @@ def parse_headers(raw: bytes) -> Message:
     in the whole message."""
     found = _BLANK_LINE.search(raw)
     head = raw if found is None else raw[: found.end() + 1]
+    if head.endswith(b"\r\n\r\n"):  # the usual case: ask the parser only when it is odd
+        fast = plain_header_block(head[:-2])
+        if fast is not None:
+            fast.set_payload("")
+            return fast
     return BytesParser(policy=compat32).parsebytes(head, headersonly=True)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -88,9 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mailhub.runner import build_server
 
     config = load_config(args.config)
-    logging.getLogger().setLevel(config.log_level if not args.debug else "DEBUG")
-    if not args.debug:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command lines
+    from mailhub import logging_setup
+
+    logging_setup.configure(config.log_level if not args.debug else "DEBUG", debug=args.debug)
     hub = Hub(config)
 
     async def run() -> None:

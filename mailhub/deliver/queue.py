@@ -208,26 +208,29 @@ def claim_due(engine: Engine, limit: int, now: datetime | None = None,
         return claimed
 
 
+_CLAIM = (
+    select(_T.c.id, _T.c.source_id, _T.c.message_id, _T.c.sender, _T.c.recipient, _T.c.relay,
+           _T.c.kind, _T.c.require_tls, _T.c.attempts, _T.c.created_at, _T.c.payload_id)
+    .where(_T.c.status == "queued", _T.c.next_attempt_at <= bindparam("now"))
+    .where(or_(_T.c.sending_since.is_(None), _T.c.sending_since < bindparam("stale")))
+    .order_by(_T.c.next_attempt_at, _T.c.id)
+    .limit(bindparam("limit"))
+)
+_CLAIM_FOR_UPDATE = _CLAIM.with_for_update(skip_locked=True)  # instances share one database
+_MARK_CLAIMED = (update(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
+                 .values(sending_since=bindparam("now"), attempts=_T.c.attempts + 1))
+
+
 def claim_due_in(session: Session, limit: int, now: datetime | None = None,
                  stale_after: timedelta = timedelta(minutes=10)) -> list[Claimed]:
     """``claim_due`` inside the caller's transaction (the caller commits)."""
     now = now or utcnow()
-    t = _T
-    query = (
-        select(t.c.id, t.c.source_id, t.c.message_id, t.c.sender, t.c.recipient, t.c.relay,
-               t.c.kind, t.c.require_tls, t.c.attempts, t.c.created_at, t.c.payload_id)
-        .where(t.c.status == "queued", t.c.next_attempt_at <= now)
-        .where(or_(t.c.sending_since.is_(None), t.c.sending_since < now - stale_after))
-        .order_by(t.c.next_attempt_at, t.c.id)
-        .limit(limit)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    rows = session.execute(query).all()
+    conn = session.connection()
+    query = _CLAIM_FOR_UPDATE if conn.dialect.name == "postgresql" else _CLAIM
+    rows = conn.execute(query, {"now": now, "stale": now - stale_after, "limit": limit}).all()
     if not rows:
         return []
-    session.execute(update(t).where(t.c.id.in_([r.id for r in rows]))
-                    .values(sending_since=now, attempts=t.c.attempts + 1))
+    conn.execute(_MARK_CLAIMED, {"ids": [r.id for r in rows], "now": now})
     return [Claimed(r.id, r.source_id, r.message_id, r.sender, r.recipient, r.relay, r.kind,
                     r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0)
             for r in rows]
@@ -238,7 +241,8 @@ def sealed_payloads_in(session: Session, ids: Iterable[int]) -> dict[int, bytes]
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    return {int(pid): sealed for pid, sealed in session.execute(_SEALED, {"ids": wanted})}
+    rows = session.connection().execute(_SEALED, {"ids": wanted})
+    return {int(pid): sealed for pid, sealed in rows}
 
 
 def load_payloads(engine: Engine, ids: Iterable[int]) -> dict[int, bytes]:
@@ -257,23 +261,35 @@ def _reply_fact(reply: str) -> str:
     return text.replace("-----BEGIN ", "-----BEGIN_")
 
 
-def _audit_outcome(session: Session, ids: list[int], action: str, reply: str) -> None:
+def _audit_outcome(session: Session, replies: dict[int, str], action: str) -> None:
     """One audit entry per row that was sent or finally failed (with the next hop's reply)."""
-    rows = sorted(session.execute(_AUDIT_FACTS, {"ids": ids}).all())
+    rows = sorted(session.connection().execute(_AUDIT_FACTS, {"ids": list(replies)}).all())
     audit.append_many(session, [
         audit.Pending("delivery", action, message_id=r.message_id or None, case_id=r.case_id,
                       detail={"recipient": r.recipient, "queue_id": r.id, "relay": r.relay,
-                              "kind": r.kind, "reply": _reply_fact(reply)})
+                              "kind": r.kind, "reply": _reply_fact(replies[r.id])})
         for r in rows])
 
 
+_MARK_SENT = (update(_T).where(_T.c.id == bindparam("row_id"))
+              .values(status="sent", sending_since=None, updated_at=bindparam("at"),
+                      reason=bindparam("reply")))
+
+
+def mark_sent_many(session: Session, sent: Iterable[tuple[int, str]]) -> None:
+    """Mark rows sent, each with its own reply from the next hop (a real one names its queue
+    id, so no two replies are alike): one statement for all of them, and their audit entries."""
+    replies = dict(sent)
+    if not replies:
+        return
+    now = utcnow()
+    session.connection().execute(_MARK_SENT, [
+        {"row_id": item_id, "at": now, "reply": reply[:500]} for item_id, reply in replies.items()])
+    _audit_outcome(session, replies, "sent")
+
+
 def mark_sent_in(session: Session, ids: list[int], reply: str = "") -> None:
-    if ids:
-        session.execute(
-            update(OutboundItem).where(OutboundItem.id.in_(ids))  # type: ignore[union-attr]
-            .values(status="sent", sending_since=None, updated_at=utcnow(), reason=reply[:500])
-        )
-        _audit_outcome(session, ids, "sent", reply)
+    mark_sent_many(session, [(item_id, reply) for item_id in ids])
 
 
 def mark_retry_in(session: Session, item_id: int, reason: str, next_at: datetime) -> None:
@@ -289,7 +305,7 @@ def mark_failed_in(session: Session, item_id: int, reason: str) -> None:
         update(OutboundItem).where(OutboundItem.id == item_id)
         .values(status="failed", sending_since=None, reason=reason[:500], updated_at=utcnow())
     )
-    _audit_outcome(session, [item_id], "failed", reason)
+    _audit_outcome(session, {item_id: reason}, "failed")
 
 
 def _commit_one(engine: Engine, fn: Callable[[Session], None]) -> None:

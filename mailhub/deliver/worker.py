@@ -320,11 +320,7 @@ class _SentFlush:
     def __call__(self, session: Session) -> None:
         if self.batch is None:
             self.batch = self.worker.take_sent()
-        by_reply: dict[str, list[int]] = {}
-        for item_id, reply in self.batch:
-            by_reply.setdefault(reply, []).append(item_id)
-        for reply, ids in by_reply.items():
-            queue.mark_sent_in(session, ids, reply)
+        queue.mark_sent_many(session, self.batch)
 
 
 def _log_failed_write(fut: Future[object]) -> None:

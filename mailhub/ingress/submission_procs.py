@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+from mailhub import logging_setup
 from mailhub.app import Hub
 from mailhub.errors import MailhubError
 from mailhub.ingress.auth import FailureThrottle, verify_password
@@ -133,13 +134,8 @@ def _submission_child(config: Any, sock: socket.socket, conn: Connection) -> Non
 
 
 def child_logging(level: str) -> None:
-    """Log as ``mailhub serve`` does in the parent (a spawned child inherits none of it).
-
-    Below DEBUG, aiosmtpd's own lines are kept to warnings: its five INFO lines per message
-    (each command, the sender, the recipient) cost more CPU than receiving the message."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    """Log as ``mailhub serve`` does in the parent (a spawned child inherits none of it)."""
+    logging_setup.configure(level)
 
 
 async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection) -> None:

@@ -204,6 +204,27 @@ def _fallback_addresses(raw: str) -> list[str]:
     return angle if angle else _BARE_ADDR.findall(text)
 
 
+_PLAIN_LOCAL = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
+_PLAIN_DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+# one mailbox as most clients write it: ``local@domain`` or ``Some Name <local@domain>``
+_PLAIN_MAILBOX = re.compile(
+    rf"[ \t]*(?:[A-Za-z0-9]+(?:[ \t]+[A-Za-z0-9]+)*[ \t]*<({_PLAIN_LOCAL}@{_PLAIN_DOMAIN})>"
+    rf"|({_PLAIN_LOCAL}@{_PLAIN_DOMAIN}))[ \t]*")
+
+
+def _plain_mailboxes(raw: str) -> list[str] | None:
+    """The addresses of a value made only of plain mailboxes, as ``getaddresses`` reads them;
+    None for anything else (then the RFC 5322 parser decides). Most values are plain, and the
+    parser costs more than the rest of a message's policy."""
+    found = []
+    for part in raw.split(","):
+        m = _PLAIN_MAILBOX.fullmatch(part)
+        if m is None:
+            return None
+        found.append(m.group(1) or m.group(2))
+    return found
+
+
 def addresses(msg: Message, *names: str) -> list[str]:
     """Addresses from the named headers (e.g. ``"To", "Cc"``), normalized, deduplicated in order.
 
@@ -214,11 +235,15 @@ def addresses(msg: Message, *names: str) -> list[str]:
     seen: set[str] = set()
     for name in names:
         for raw in raw_headers(msg, name):
-            try:
-                pairs = getaddresses([raw])
-                found = [addr for _, addr in pairs if addr]
-            except Exception:
-                found = []
+            plain = _plain_mailboxes(raw)
+            if plain is not None:
+                found = plain
+            else:
+                try:
+                    pairs = getaddresses([raw])
+                    found = [addr for _, addr in pairs if addr]
+                except Exception:
+                    found = []
             if not any(normalize_address(a) for a in found) and "@" in raw:
                 found = _fallback_addresses(raw)
             for addr in found:

@@ -50,3 +50,30 @@ def test_a_large_body_is_not_read() -> None:
     head = parse_headers(raw)
     assert head["Subject"] == "big"
     assert len(str(head.get_payload())) < 10
+
+
+def test_plain_header_blocks_skip_the_parser_and_read_the_same() -> None:
+    """The fast path for plain CRLF header blocks gives what the email parser gives."""
+    from email.parser import BytesParser
+    from email.policy import compat32
+
+    from mailhub.cases import store
+
+    rnd = random.Random(822)
+    pieces = [b"From", b"To", b"Subject", b":", b" ", b"\t", b"\r\n", b"\n", b"\r", b"x", b"\xe9",
+              b"Content-Type: message/rfc822", b"Content-Type: multipart/mixed", b"From ",
+              b"\r\n\r\n", b"body"]
+    blocks = SAMPLES + [b"".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 30)))
+                        for _ in range(5000)]
+    fast = 0
+    for raw in blocks:
+        found = store._BLANK_LINE.search(raw)
+        head = raw if found is None else raw[: found.end() + 1]
+        slow = BytesParser(policy=compat32).parsebytes(head, headersonly=True)
+        mine = parse_headers(raw)
+        assert mine.items() == slow.items(), raw
+        assert mine.get_payload() == slow.get_payload(), raw
+        assert [type(d) for d in mine.defects] == [type(d) for d in slow.defects], raw
+        assert mine.get_content_type() == slow.get_content_type(), raw
+        fast += head.endswith(b"\r\n\r\n") and store.plain_header_block(head[:-2]) is not None
+    assert fast > 100  # the fast path was really exercised

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from mailhub.app import Hub
-from mailhub.deliver.queue import mark_failed_in, mark_sent_in
+from mailhub.deliver.queue import mark_failed_in, mark_sent_in, mark_sent_many
 from mailhub.errors import CryptoError
 from mailhub.outbound.queueing import QueueWriter, RowSpec, WriteJob
 from mailhub.store.audit import AuditEntry, verify
@@ -209,6 +209,26 @@ def test_sent_and_failed_outcomes_are_audited_per_row(hub: Hub) -> None:
             "sent", "sent", "sent", "failed"]
         result = verify(s)
         assert result.ok, result.problem
+
+
+def test_rows_sent_with_different_replies_keep_each_its_own(hub: Hub) -> None:
+    """A real next hop names its own queue id in each reply: one statement marks them all,
+    and each row and audit entry keeps the reply it got."""
+    with session(hub) as s:
+        QueueWriter(hub).write_many(s, _jobs()[:1])
+        s.commit()
+        ids = sorted(r.id or 0 for r in _rows(s))
+    with session(hub) as s:
+        before = _count(s, AuditEntry)
+        mark_sent_many(s, [(i, f"250 2.0.0 Ok: queued as Q{i}") for i in ids])
+        s.commit()
+    with session(hub) as s:
+        assert {r.id: (r.status, r.reason) for r in _rows(s)} == {
+            i: ("sent", f"250 2.0.0 Ok: queued as Q{i}") for i in ids}
+        new = _audit(s)[before:]
+        assert [(e.detail_data()["queue_id"], e.detail_data()["reply"]) for e in new] == [
+            (i, f"250 2.0.0 Ok: queued as Q{i}") for i in ids]
+        assert verify(s).ok
 
 
 def test_a_reply_that_looks_like_key_material_still_records_the_outcome(hub: Hub) -> None:

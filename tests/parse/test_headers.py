@@ -121,3 +121,29 @@ def test_strip_crlf_prevents_header_injection() -> None:
     assert strip_crlf("Ana\r\nBcc: x@y.example") == "Ana Bcc: x@y.example"
     assert strip_crlf("a\u2028b\x00c") == "a b c"
     assert strip_crlf(None) == ""
+
+
+def test_plain_mailboxes_read_as_the_rfc5322_parser_reads_them() -> None:
+    """The shortcut for plain ``a@b`` and ``Name <a@b>`` values agrees with ``getaddresses``,
+    and leaves anything else to it."""
+    import random
+    from email.utils import getaddresses
+
+    from mailhub.parse.headers import _plain_mailboxes
+
+    rnd = random.Random(5322)
+    pieces = ["a", "b", "Z", "0", "_", "+", "-", ".", "@", "x.example", " ", "\t", "<", ">", ",",
+              "Name", '"', "(", ")", "\\", ";", ":", "é", "@@", "<a@b>", "c@d.e"]
+    taken = 0
+    for _ in range(50000):
+        raw = "".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 12)))
+        mine = _plain_mailboxes(raw)
+        if mine is None:
+            continue
+        taken += 1
+        assert mine == [a for _, a in getaddresses([raw]) if a], raw
+    assert taken > 200
+    assert _plain_mailboxes("Ann Smith <ann@x.example>, bob@y.example") == [
+        "ann@x.example", "bob@y.example"]
+    for odd in ('"Smith, Ann" <ann@x.example>', "ann@x.example (Ann)", "a@b,", "<@r:a@b>"):
+        assert _plain_mailboxes(odd) is None

@@ -1,0 +1,107 @@
+"""The serving processes' log handler: lines written in batches, nothing lost on close."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import time
+
+from mailhub.logging_setup import FORMAT, BatchingStreamHandler
+
+
+class CountingStream(io.StringIO):
+    """Counts write calls: the point of the handler is fewer of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _logger(handler: logging.Handler, name: str) -> logging.Logger:
+    log = logging.getLogger(name)
+    log.propagate = False
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    return log
+
+
+def test_info_lines_wait_and_go_out_in_one_write() -> None:
+    stream = CountingStream()
+    handler = BatchingStreamHandler(stream, capacity=100, interval=60)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = _logger(handler, "t.batch")
+    for i in range(10):
+        log.info("line %d", i)
+    assert stream.getvalue() == ""  # still buffered
+    handler.flush()
+    assert stream.getvalue() == "".join(f"line {i}\n" for i in range(10))
+    assert stream.writes == 1
+    handler.close()
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
+    stream = CountingStream()
+    handler = BatchingStreamHandler(stream, capacity=100, interval=60)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = _logger(handler, "t.warn")
+    log.info("first")
+    log.warning("second")
+    assert stream.getvalue() == "INFO first\nWARNING second\n"
+    handler.close()
+
+
+def test_a_full_buffer_is_written_without_waiting() -> None:
+    stream = CountingStream()
+    handler = BatchingStreamHandler(stream, capacity=3, interval=60)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = _logger(handler, "t.full")
+    for i in range(7):
+        log.info("%d", i)
+    assert stream.getvalue() == "0\n1\n2\n3\n4\n5\n"
+    assert stream.writes == 2
+    handler.close()
+    assert stream.getvalue().endswith("6\n")
+
+
+def test_the_flusher_writes_waiting_lines_within_its_interval() -> None:
+    stream = CountingStream()
+    handler = BatchingStreamHandler(stream, capacity=100, interval=0.05)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = _logger(handler, "t.timer")
+    log.info("soon")
+    deadline = time.monotonic() + 10
+    while stream.getvalue() == "" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.getvalue() == "soon\n"
+    handler.close()
+
+
+def test_the_record_is_formatted_when_logged_not_when_written() -> None:
+    stream = CountingStream()
+    handler = BatchingStreamHandler(stream, capacity=100, interval=60)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = _logger(handler, "t.args")
+    items = ["a"]
+    log.info("items=%s", items)
+    items.append("b")
+    handler.close()
+    assert stream.getvalue() == "items=['a']\n"
+
+
+def test_lines_waiting_at_exit_are_written() -> None:
+    code = (
+        "import logging\n"
+        "from mailhub.logging_setup import configure\n"
+        "configure('INFO')\n"
+        "logging.getLogger('mailhub.t').info('bye')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stderr.rstrip().endswith("INFO mailhub.t: bye")
+    assert FORMAT.startswith("%(asctime)s")
