@@ -1,9 +1,8 @@
 """SMTP load for the benchmark: a lean asyncio client, a counting sink and a bare aiosmtpd server.
 
-The client and the sink are written against raw asyncio streams rather than smtplib/aiosmtpd so
-that their own cost stays small next to what is measured: the relay (or the bare aiosmtpd server)
-is the thing under test, not the load generator. The sink speaks STARTTLS because plaintext
-exceptions may only leave the hub over TLS.
+The client is written against raw asyncio streams rather than smtplib so that its own cost stays
+small next to what is measured: the relay (or the bare aiosmtpd server) is the thing under test,
+not the load generator. The sink is in ``bench/sink.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+
+from bench.sink import sink_main
 
 CRLF = b"\r\n"
 
@@ -162,58 +163,6 @@ async def run_load(host: str, port: int, items: list[Item], *, sessions: int, se
     return result
 
 
-# --- the counting sink (the smarthost), in its own process -----------------------------------
-
-async def _sink_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        counter: Synchronized, tls: ssl.SSLContext | None) -> None:  # type: ignore[type-arg]
-    writer.write(b"220 sink ESMTP\r\n")
-    try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                return
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                ext = b"250-STARTTLS\r\n" if tls and writer.get_extra_info("sslcontext") is None else b""
-                # PIPELINING as Postfix, the usual smarthost, offers it (commands are read
-                # line by line, so pipelined ones are answered in order)
-                writer.write(b"250-sink\r\n" + ext + b"250-PIPELINING\r\n250-8BITMIME\r\n"
-                             b"250-SMTPUTF8\r\n250 SIZE 104857600\r\n")
-            elif verb == b"STAR" and tls is not None:
-                writer.write(b"220 2.0.0 go ahead\r\n")
-                await writer.drain()
-                await writer.start_tls(tls)
-            elif verb == b"DATA":
-                writer.write(b"354 go ahead\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-                with counter.get_lock():
-                    counter.value += 1
-                writer.write(b"250 2.0.0 kept\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-    except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-        return
-    finally:
-        writer.close()
-
-
-def _sink_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  # type: ignore[type-arg]
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-
-    async def main() -> None:
-        server = await asyncio.start_server(lambda r, w: _sink_session(r, w, counter, ctx),
-                                            "127.0.0.1", port, limit=1 << 24)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-
-
 # --- the bare aiosmtpd reference server, in its own process ----------------------------------
 
 def _bare_main(port: int, counter: Synchronized, cert: str, key: str) -> None:  # type: ignore[type-arg]
@@ -256,7 +205,7 @@ class ServerProcess:
         ctx = multiprocessing.get_context("spawn")
         self.port = port or free_port()
         self.counter: Synchronized = ctx.Value("q", 0)  # type: ignore[type-arg]
-        target = _sink_main if kind == "sink" else _bare_main
+        target = sink_main if kind == "sink" else _bare_main
         self.proc = ctx.Process(target=target, args=(self.port, self.counter, str(cert), str(key)),
                                 daemon=True)
 
