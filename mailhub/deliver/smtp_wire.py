@@ -15,6 +15,7 @@ from dataclasses import dataclass
 CRLF = b"\r\n"
 MAX_LINE = 8192  # as smtplib: a longer reply line is a protocol error
 _EOL = re.compile(rb"\r\n|\r|\n")
+_DOT_LINE = re.compile(rb"\n\.")
 _LEADING_DOT = re.compile(rb"^\.", re.M)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 _PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\",;:\\]*")  # what parseaddr returns unchanged
@@ -113,11 +114,20 @@ def envelope(sender: str, recipient: str, *, size: int | None,
 
 def data_payload(data: bytes) -> bytes:
     """The message as sent after DATA's 354: every line end CRLF (a bare CR or LF is one),
-    a line starting with "." gets another, the last line ends with CRLF, then ".\\r\\n"."""
-    crlf = data.count(CRLF)
-    if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
-        data = _EOL.sub(CRLF, data)
-    if data[:1] == b"." or b"\n." in data:
+    a line starting with "." gets another, the last line ends with CRLF, then ".\\r\\n".
+
+    Written for large messages: one-byte counts and the regex engine's literal search are
+    several times faster than ``bytes`` searches for two-byte needles, and armored OpenPGP
+    output ends its lines with LF alone (a regex substitution there cost 2 ms for 270 KB)."""
+    n_lf, n_cr = data.count(b"\n"), data.count(b"\r")
+    if n_cr == 0:
+        if n_lf:
+            data = data.replace(b"\n", CRLF)
+    elif n_cr != n_lf or data.count(CRLF) != n_lf:
+        lf_only = data.replace(CRLF, b"\n")
+        data = (lf_only.replace(b"\n", CRLF) if b"\r" not in lf_only
+                else _EOL.sub(CRLF, data))  # a bare CR too: the regex's care is needed
+    if data[:1] == b"." or _DOT_LINE.search(data) is not None:
         data = _LEADING_DOT.sub(b"..", data)
     if data[-2:] != CRLF:
         data += CRLF

@@ -109,3 +109,24 @@ def test_envelope_commands() -> None:
     assert mail == "MAIL FROM:<é@b.example> SMTPUTF8\r\n".encode()
     with pytest.raises(UnicodeEncodeError):
         envelope("é@b.example", "c@d.example", size=None, smtputf8=False)
+
+
+def test_data_payload_fast_paths_match_the_plain_rules() -> None:
+    """The count/replace shortcuts give what the line-by-line rules give, for any mix of
+    CR, LF, CRLF and leading dots (LF-only armor, CRLF mail, mixed, bare CRs)."""
+    import random
+    import re
+
+    eol, dot = re.compile(rb"\r\n|\r|\n"), re.compile(rb"^\.", re.M)
+
+    def plain(data: bytes) -> bytes:
+        data = dot.sub(b"..", eol.sub(b"\r\n", data))
+        return data + (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+    rnd = random.Random(2920)
+    pieces = [b"a", b"\r", b"\n", b"\r\n", b".", b"\n.", b"x", b"\r\n."]
+    for _ in range(20000):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 20)))
+        assert data_payload(data) == plain(data), data
+    armor = b"-----BEGIN PGP MESSAGE-----\n\n" + b"hQEMA+x/y\n" * 500 + b"-----END PGP MESSAGE-----\n"
+    assert data_payload(armor) == plain(armor)
