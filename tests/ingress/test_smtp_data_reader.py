@@ -322,3 +322,38 @@ def test_check_message_refusals_unchanged() -> None:
                 b"From: a@b\r\nSubject: 1\r\nSubject: 2\r\n\r\n"):
         with pytest.raises(PolicyRefusal):
             check_message(bad)
+
+
+def test_the_short_line_probe_agrees_with_counting_every_line() -> None:
+    """The window probe for blocks of short lines decides as splitting into lines does, for
+    lines around the limit and around half of it, cut anywhere."""
+
+    class Counting(DataBody):
+        __slots__ = ()
+
+        def _all_lines_short(self, data: bytes) -> bool:
+            return False
+
+    taken: list[bool] = []
+
+    class Probing(DataBody):
+        __slots__ = ()
+
+        def _all_lines_short(self, data: bytes) -> bool:
+            taken.append(super()._all_lines_short(data))
+            return taken[-1]
+
+    rnd = random.Random(53211)
+    lengths = [0, 1, 66, 497, 498, 499, 500, 501, 997, 998, 999, 1000, 1500]
+    for _ in range(400):
+        lines = [b"x" * rnd.choice(lengths) for _ in range(rnd.randint(1, 12))]
+        stream = b"\r\n".join(lines) + rnd.choice([b"", b"\r", b"\r\n", b"tail"])
+        points = sorted(rnd.sample(range(1, len(stream)), min(3, len(stream) - 1))) if len(
+            stream) > 1 else []
+        fast, slow = Probing(10_000_000, LINE_LIMIT), Counting(10_000_000, LINE_LIMIT)
+        for block in cuts(stream, points):
+            fast.add(block)
+            slow.add(block)
+            assert (fast.error, fast.run, fast.cr) == (slow.error, slow.run, slow.cr), (
+                [len(x) for x in lines], points)
+    assert taken.count(True) > 100 and taken.count(False) > 100  # both ways were tried
