@@ -9,7 +9,9 @@ share commits with other work, so a sender goes on to its next message without w
 disk. A crash between the 250 and that commit is the only way a message can go out twice: such
 rows still carry ``sending_since`` and are reported at the next start by ``recover_inflight``.
 New rows are claimed while the last ones of a batch are still being sent, so the connections
-never idle while there is work; a batch that was not full is followed by the next claim only
+never idle while there is work. A sender thread takes the rows already waiting for it (up to
+``CHAIN``) and sends them back to back, pipelined (``SmtpConnection.send_many``). A batch that
+was not full is followed by the next claim only
 once new rows were announced (``wake``) or the idle poll comes round, so a stream of single
 messages does not cost an empty claim each.
 """
@@ -22,18 +24,20 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime, timedelta
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
-from mailhub.deliver.smtp_client import SendResult, SmtpConnection
+from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
 from mailhub.spool.spool import Sealer
 from mailhub.store.models import utcnow
 
 log = logging.getLogger("mailhub.deliver")
+
+CHAIN = 8  # rows a sender thread takes at once and sends back to back
 
 
 def backoff_delay(attempts: int, initial: int, maximum: int) -> timedelta:
@@ -148,12 +152,15 @@ class DeliveryWorker:
             self._sent_flush_queued = False
         return batch
 
-    def deliver_one(self, item: queue.Claimed, sealed: bytes) -> str:
-        """Send one claimed row and record the outcome (blocking; runs in a worker thread)."""
-        data = self.sealer.open(sealed, str(item.payload_id).encode())
-        result = self._connection(item.relay).send(item.sender, item.recipient, data,
-                                                   require_tls=item.require_tls,
-                                                   smtputf8=_needs_smtputf8(item))
+    def deliver_one(self, item: queue.Claimed, sealed: bytes,
+                    result: SendResult | None = None) -> str:
+        """Send one claimed row (unless ``result`` says how its sending went) and record the
+        outcome (blocking; runs in a worker thread)."""
+        if result is None:
+            data = self.sealer.open(sealed, str(item.payload_id).encode())
+            result = self._connection(item.relay).send(item.sender, item.recipient, data,
+                                                       require_tls=item.require_tls,
+                                                       smtputf8=_needs_smtputf8(item))
         now = utcnow()
         outcome, next_at = next_step(result, attempts=item.attempts, created_at=item.created_at,
                                      now=now, cfg=self.cfg)
@@ -235,22 +242,60 @@ class DeliveryWorker:
                 self._senders.append(thread)
 
     def _sender(self) -> None:
-        """One sender thread: claimed rows from the queue until the ``None`` that ends it."""
+        """One sender thread: claimed rows from the queue until the ``None`` that ends it.
+        Rows already waiting are taken together (a few, so that the other connections get
+        theirs) and sent back to back over this thread's connection."""
         while (job := self._jobs.get()) is not None:
-            self._safe_deliver(*job)
+            jobs, last = [job], False
+            while len(jobs) < CHAIN:
+                try:
+                    more = self._jobs.get_nowait()
+                except Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                jobs.append(more)
+            self._deliver_chain(jobs)
+            if last:
+                return
+
+    def _deliver_chain(self, jobs: list[tuple[queue.Claimed, bytes | None]]) -> None:
+        """Send the rows pipelined per next hop (``SmtpConnection.send_many``), then record each
+        outcome as ``deliver_one`` does; a row the chain did not send goes alone."""
+        results: dict[int, SendResult] = {}
+        groups: dict[str, list[tuple[queue.Claimed, bytes]]] = {}
+        for item, sealed in jobs:
+            if sealed is not None:
+                groups.setdefault(item.relay, []).append((item, sealed))
+        try:
+            for relay, group in groups.items():
+                if len(group) < 2:
+                    continue
+                sent = self._connection(relay).send_many([
+                    Outgoing(item.sender, item.recipient,
+                             self.sealer.open(sealed, str(item.payload_id).encode()),
+                             item.require_tls, _needs_smtputf8(item))
+                    for item, sealed in group])
+                results.update((item.id, r) for (item, _), r in zip(group, sent, strict=True))
+        except Exception:  # e.g. a payload that does not open: each row alone says which
+            log.exception("pipelined delivery failed; sending the rest one by one")
+        for item, sealed in jobs:
+            self._safe_deliver(item, sealed, results.get(item.id))
 
     def wait_idle(self) -> None:
         """Block until no claimed row is still being sent."""
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0)
 
-    def _safe_deliver(self, item: queue.Claimed, sealed: bytes | None) -> None:
+    def _safe_deliver(self, item: queue.Claimed, sealed: bytes | None,
+                      result: SendResult | None = None) -> None:
         try:
             if sealed is None:
                 self._write(lambda s: queue.mark_failed_in(s, item.id, "payload missing"),
                             wait=True)
                 return
-            self.deliver_one(item, sealed)
+            self.deliver_one(item, sealed, result)
         except Exception:  # one broken row must not stop delivery of the others
             log.exception("delivery of queue_id=%s crashed; retrying later", item.id)
             next_at = utcnow() + backoff_delay(item.attempts, self.cfg.retry_initial,

@@ -41,6 +41,7 @@ class SmtpDouble:
     final_reply: str = "250 2.0.0 queued as X1"
     drop_at: str = ""  # a verb ("MAIL", "DATA", ".") at which to hang up without a reply
     drops: int = 0  # how many connections hang up there (-1: all of them)
+    drop_skip: int = 0  # times ``drop_at`` is passed on a connection before it hangs up there
     lines: list[bytes] = field(default_factory=list)  # every command line, every connection
     transactions: list[Transaction] = field(default_factory=list)
     connections: int = 0
@@ -51,6 +52,7 @@ class SmtpDouble:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self.on_data: list[object] = []  # callables run when a body has been read
+        self._passed: dict[int, int] = {}  # connection -> times it passed ``drop_at``
 
     def start(self) -> SmtpDouble:
         self._thread.start()
@@ -75,7 +77,11 @@ class SmtpDouble:
         return [line[:4].decode().upper() for line in self.lines]
 
     def _drops_now(self, verb: str, conn: int) -> bool:
-        return self.drop_at == verb and (self.drops < 0 or conn < self.drops)
+        if self.drop_at != verb or not (self.drops < 0 or conn < self.drops):
+            return False
+        seen = self._passed.get(conn, 0)
+        self._passed[conn] = seen + 1
+        return seen >= self.drop_skip
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = self.connections

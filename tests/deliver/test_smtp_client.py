@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailhub.deliver.smtp_client import SmtpConnection
+from mailhub.deliver.smtp_client import Outgoing, SmtpConnection
 from tests.conftest import SinkHandler
 from tests.deliver.smtp_double import SmtpDouble, TlsFiles, make_tls_files, unstuff
 
@@ -298,3 +298,104 @@ def test_quit_on_close(double: list[SmtpDouble]) -> None:
     conn.close()
     conn.close()  # twice is harmless
     assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+class CountingSocket:
+    """The connection's socket, counting writes: chained sending is one write a message."""
+
+    def __init__(self, sock: object) -> None:
+        self.sock, self.writes = sock, 0
+
+    def sendall(self, data: bytes) -> None:
+        self.writes += 1
+        self.sock.sendall(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def outgoing(n: int, **fields: object) -> list[Outgoing]:
+    return [Outgoing(SENDER, RCPT, f"Subject: {i}\r\n\r\n.body {i}\r\n".encode(), **fields)  # type: ignore[arg-type]
+            for i in range(n)]
+
+
+def test_send_many_chains_body_and_next_envelope_in_one_write(double: list[SmtpDouble]) -> None:
+    # MAIL/RCPT replies held until DATA: each envelope still has to leave as one group
+    server = serve(double, hold_until_data=True)
+    conn = conn_to(server)
+    try:
+        assert conn.send(SENDER, RCPT, b"warm\r\n").ok  # the connection is up
+        counter = CountingSocket(conn._sock)
+        conn._sock = counter  # type: ignore[assignment]
+        results = conn.send_many(outgoing(4))
+        writes = counter.writes
+    finally:
+        conn.close()
+    assert [r.ok for r in results] == [True] * 4
+    assert writes == 1 + 4  # the first envelope, then body + next envelope each
+    assert server.connections == 1
+    assert [unstuff(tx.body or b"") for tx in server.transactions[1:]] == [
+        f"Subject: {i}\r\n\r\n.body {i}\r\n".encode() for i in range(4)]
+    assert server.verbs() == ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 5 + ["QUIT"]
+
+
+def test_send_many_refused_recipient_mid_chain(double: list[SmtpDouble]) -> None:
+    server = serve(double, rcpt_replies={"gone@clinic-a.example": "550 5.1.1 no such user"})
+    conn = conn_to(server)
+    items = outgoing(3)
+    items[1] = Outgoing(SENDER, "gone@clinic-a.example", b"secret\r\n")
+    try:
+        assert conn.send(SENDER, RCPT, b"warm\r\n").ok
+        results = conn.send_many(items)
+    finally:
+        conn.close()
+    assert [(r.ok, r.permanent, r.reply) for r in results] == [
+        (True, False, "250 accepted"), (False, True, "550 5.1.1 no such user"),
+        (True, False, "250 accepted")]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA",
+                              "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert [unstuff(tx.body or b"") for tx in server.transactions] == [
+        b"warm\r\n", items[0].data, items[2].data]
+
+
+def test_send_many_after_a_drop_mid_chain_sends_the_rest_once(double: list[SmtpDouble]) -> None:
+    # the connection hangs up after reading the third body (warm-up, first, second): the second
+    # got no reply, so it and the third go again on a new connection, each exactly once
+    server = serve(double, drop_at=".", drops=1, drop_skip=2)
+    conn = conn_to(server)
+    try:
+        assert conn.send(SENDER, RCPT, b"warm\r\n").ok
+        results = conn.send_many(outgoing(3))
+    finally:
+        conn.close()
+    assert [r.ok for r in results] == [True] * 3
+    assert server.connections == 2
+    assert [unstuff(tx.body or b"") for tx in server.transactions] == [b"warm\r\n"] + [
+        f"Subject: {i}\r\n\r\n.body {i}\r\n".encode() for i in range(3)]
+
+
+def test_send_many_without_pipelining_goes_one_by_one(double: list[SmtpDouble]) -> None:
+    server = serve(double, pipelining=False)
+    conn = conn_to(server)
+    try:
+        results = conn.send_many(outgoing(3))
+    finally:
+        conn.close()
+    assert [r.ok for r in results] == [True] * 3
+    assert len(server.transactions) == 3 and server.connections == 1
+
+
+def test_send_many_never_sends_a_tls_only_message_in_the_clear(double: list[SmtpDouble]) -> None:
+    server = serve(double)  # no STARTTLS offered
+    conn = conn_to(server)
+    items = outgoing(3)
+    items[1] = Outgoing(SENDER, RCPT, b"plaintext exception\r\n", require_tls=True)
+    try:
+        assert conn.send(SENDER, RCPT, b"warm\r\n").ok
+        results = conn.send_many(items)
+    finally:
+        conn.close()
+    assert [r.ok for r in results] == [True, False, True]
+    assert "offered no TLS" in results[1].reply
+    assert b"plaintext exception\r\n" not in [tx.body for tx in server.transactions]
+    assert len(server.transactions) == 3

@@ -21,6 +21,7 @@ from sqlmodel import Session
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.crypto.atrest import AtRest
 from mailhub.deliver import queue
+from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
 from mailhub.deliver.worker import DeliveryWorker
 from mailhub.store.db import make_engine, migrate
 from mailhub.store.models import OutboundItem, utcnow
@@ -82,10 +83,9 @@ def serve(started: list[SmtpDouble], **script: object) -> SmtpDouble:
 
 def make_worker(store: Store, server: SmtpDouble, *, commits: bool = True,
                 internal: SmtpDouble | None = None, **cfg: object) -> DeliveryWorker:
-    config = DeliveryConfig(
-        smarthost=HostPort("127.0.0.1", server.port), workers=2, retry_initial=60,
-        internal_relay=HostPort("127.0.0.1", internal.port) if internal else None,
-        **cfg)  # type: ignore[arg-type]
+    config = DeliveryConfig(**{  # type: ignore[arg-type]
+        "smarthost": HostPort("127.0.0.1", server.port), "workers": 2, "retry_initial": 60,
+        "internal_relay": HostPort("127.0.0.1", internal.port) if internal else None, **cfg})
     return DeliveryWorker(store.engine, store.sealer, config, helo="medvoyage.example",
                           commits=queue.GroupCommit(store.engine) if commits else None,
                           on_failed=lambda item, reply: store.failed.append((item.id, reply)))
@@ -230,3 +230,33 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("not reached")
+
+
+def test_rows_waiting_together_are_chained_and_each_keeps_its_outcome(
+        store: Store, servers: list[SmtpDouble], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender takes the rows waiting for it and sends them pipelined back to back; a refused
+    row in the middle is failed alone and the rows around it are sent, each exactly once."""
+    server = serve(servers, rcpt_replies={"gone@clinic-a.example": "550 5.1.1 no such user"})
+    rcpts = [f"r{i}@clinic-a.example" for i in range(12)]
+    rcpts[5] = "gone@clinic-a.example"
+    ids = [store.enqueue(r, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
+           for i, r in enumerate(rcpts)]
+    chains: list[int] = []
+    real = SmtpConnection.send_many
+
+    def spy(self: SmtpConnection, items: list[Outgoing]) -> list[SendResult]:
+        chains.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(SmtpConnection, "send_many", spy)
+    worker = make_worker(store, server, workers=1)  # one sender: every row on its connection
+    drain(worker)
+    assert max(chains) > 1 and sum(chains) <= len(ids)  # rows went together, none twice
+    statuses = [store.row(i).status for i in ids]
+    assert statuses == ["sent"] * 5 + ["failed"] + ["sent"] * 6
+    assert store.failed == [(ids[5], "550 5.1.1 no such user")]
+    bodies = sorted(unstuff(tx.body or b"") for tx in server.transactions)
+    assert bodies == sorted(f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
+                            for i in range(12) if i != 5)
+    assert server.connections == 1
+    assert server.verbs().count("MAIL") == 12 and server.verbs().count("RSET") == 1
