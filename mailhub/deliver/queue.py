@@ -65,8 +65,11 @@ _P = Payload.__table__  # type: ignore[attr-defined]
 _SEALED = select(_P.c.id, _P.c.sealed).where(_P.c.id.in_(bindparam("ids", expanding=True)))
 
 
-_INSERT_PAYLOADS = insert(_P).returning(_P.c.id, sort_by_parameter_order=True)
-_INSERT_ITEMS = insert(_T).returning(_T.c.id, sort_by_parameter_order=True)
+# Multi-row INSERT ... RETURNING: asked to return ids in parameter order, SQLAlchemy falls
+# back to one statement per row on SQLite (no sentinel column to sort by), a database call and
+# a GIL hand-off each. Unsorted, all rows go in one statement; the ids are matched up instead.
+_INSERT_PAYLOADS = insert(_P).returning(_P.c.id)
+_INSERT_ITEMS = insert(_T).returning(_T.c.id, _T.c.source_id, _T.c.recipient)
 _EXISTING_MANY = (select(_T.c.source_id, _T.c.recipient)
                   .where(_T.c.source_id.in_(bindparam("sids", expanding=True))))
 
@@ -77,8 +80,9 @@ def insert_payloads(session: Session, datas: list[bytes], sealer: Sealer) -> lis
     if not datas:
         return []
     now = utcnow()
+    # the new rows are alike (empty) until sealed below: any id may go with any data
     result = session.execute(_INSERT_PAYLOADS, [{"sealed": b"", "created_at": now}] * len(datas))
-    pids = [int(pid) for pid in result.scalars()]
+    pids = sorted(int(pid) for pid in result.scalars())
     session.execute(_SEAL_PAYLOAD, [{"pid": pid, "blob": sealer.seal(data, str(pid).encode())}
                                     for pid, data in zip(pids, datas, strict=True)])
     return pids
@@ -103,7 +107,9 @@ def insert_items(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     """Queue rows (from ``item_row``) with one statement; their ids in order."""
     if not rows:
         return []
-    return [int(i) for i in session.execute(_INSERT_ITEMS, rows).scalars()]
+    # (source_id, recipient) is unique (a table constraint): it tells the new rows apart
+    ids = {(sid, rcpt): int(i) for i, sid, rcpt in session.execute(_INSERT_ITEMS, rows)}
+    return [ids[(r["source_id"], r["recipient"])] for r in rows]
 
 
 def insert_item(session: Session, **values: Any) -> int:

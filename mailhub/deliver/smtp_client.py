@@ -4,7 +4,9 @@ smtplib opens the connection (greeting, EHLO, STARTTLS, EHLO again: once per con
 transactions are then spoken on its socket directly, through ``smtp_wire``. When the server
 advertises PIPELINING (RFC 2920), MAIL, RCPT and DATA leave in one write and their replies are
 read together, then the dot-stuffed body and its terminator leave in one write: two round trips
-a message. Otherwise the commands go in lock-step, one reply each.
+a message. ``send_many`` chains messages: each body leaves together with the next message's
+MAIL, RCPT and DATA, one round trip a message. Otherwise the commands go in lock-step, one reply
+each.
 
 STARTTLS follows ``[delivery].starttls``: "required" checks the server's certificate against the
 system store or ``ca_file`` and refuses to send without TLS; "opportunistic" uses TLS when offered

@@ -1,0 +1,70 @@
+"""Multi-row inserts of queue rows and payloads, on SQLite and on PostgreSQL: every id handed
+back belongs to the row (or sealed payload) it is handed back for, in input order, whatever
+order the database returned them in."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, SQLModel
+
+from mailhub.crypto.atrest import AtRest
+from mailhub.deliver import queue
+from mailhub.store.db import make_engine
+from mailhub.store.models import OutboundItem, Payload
+from tests.pgserver import session_server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        eng, dropped = make_engine(f"sqlite:///{tmp_path / 'queue.db'}"), None
+    else:
+        server = session_server(request.config)
+        url = server.create_database()
+        eng, dropped = make_engine(url), (server, url.rsplit("/", 1)[1])
+    SQLModel.metadata.create_all(eng, tables=[OutboundItem.__table__, Payload.__table__])  # type: ignore[attr-defined]
+    yield eng
+    eng.dispose()
+    if dropped is not None:
+        try:
+            dropped[0].drop_database(dropped[1])
+        except Exception:  # noqa: BLE001 - a leftover connection: the server goes at the end
+            pass
+
+
+def _rows(n: int) -> list[dict[str, object]]:
+    return [queue.item_row(source_id=f"spool-{i // 3}", recipient=f"r{i}@clinic.example",
+                           message_id=f"<m{i}@x.example>", sender="coord@medvoyage.example",
+                           reason=f"row {i}") for i in range(n)]
+
+
+def test_item_ids_come_back_in_input_order_in_one_statement(engine: Engine) -> None:
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda *a: statements.append(a[2].split(" ", 1)[0]))
+    rows = _rows(40)
+    with Session(engine) as s:
+        ids = queue.insert_items(s, rows)
+        s.commit()
+    assert statements.count("INSERT") == 1
+    with Session(engine) as s:
+        got = {r.id: r for r in s.execute(select(OutboundItem)).scalars()}
+    assert len(set(ids)) == 40
+    for row_id, row in zip(ids, rows, strict=True):
+        assert (got[row_id].recipient, got[row_id].reason) == (row["recipient"], row["reason"])
+
+
+def test_each_payload_opens_under_the_id_it_was_given(engine: Engine) -> None:
+    sealer = AtRest(os.urandom(32), [])
+    datas = [f"message {i}\r\n".encode() * (i + 1) for i in range(25)]
+    with Session(engine) as s:
+        pids = queue.insert_payloads(s, datas, sealer)
+        s.commit()
+    sealed = queue.load_payloads(engine, pids)
+    assert [sealer.open(sealed[pid], str(pid).encode()) for pid in pids] == datas
