@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import logging
 import re
 from email.header import Header
@@ -184,6 +185,13 @@ def normalize_address(value: str | None) -> str | None:
     """
     if not isinstance(value, str):
         return None
+    if len(value) > 2 * MAX_ADDRESS_CHARS:  # not kept: the cache holds only short strings
+        return _normalize_text.__wrapped__(value)
+    return _normalize_text(value)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few addresses recur in every message
+def _normalize_text(value: str) -> str | None:
     text = value.strip().strip("<>").strip()
     if not text or len(text) > MAX_ADDRESS_CHARS:
         return None

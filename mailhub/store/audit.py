@@ -127,7 +127,18 @@ def _forbidden_key(key: str) -> bool:
     return _NOT_LETTER.sub("", key.lower()) in _FORBIDDEN_KEYS
 
 
+_PLAIN = (int, float, bool, type(None))
+
+
 def _check_detail(value: Any, path: str = "detail") -> None:
+    kind = type(value)
+    if kind in _PLAIN:  # most values: numbers and None (the ABC checks below are slow)
+        return
+    if kind is str:
+        if "-----BEGIN " in value:
+            raise AuditError(f"audit {path} holds armored key or certificate material",
+                             hint="record the fingerprint instead")
+        return
     if isinstance(value, Mapping):
         for k, v in value.items():
             if _forbidden_key(str(k)):
