@@ -67,9 +67,13 @@ _UNFOLD = re.compile(rb"\r?\n[ \t]+")
 
 
 def _first_values(fields: list[bytes], names: tuple[str, ...]) -> dict[str, str]:
+    return _first_values_named([(field_name(f), f) for f in fields], names)
+
+
+def _first_values_named(fields: list[tuple[str, bytes]], names: tuple[str, ...]
+                        ) -> dict[str, str]:
     out: dict[str, str] = {}
-    for f in fields:
-        name = field_name(f)
+    for name, f in fields:
         if name in names and name not in out:
             value = f.split(b":", 1)[1] if b":" in f else b""
             out[name] = _UNFOLD.sub(b" ", value).strip().decode("utf-8", "replace")
@@ -94,8 +98,9 @@ def ensure_headers(raw: bytes, domain: str, *, spool_id: str | None = None,
     spooled message, so preparing it again (a retry, a replay after a crash) gives the same
     ones and the message is filed and queued under one id. One pass over the headers."""
     fields, eol, body = split_message(raw)
-    kept = [f for f in fields if field_name(f) not in _DROPPED]
-    found = _first_values(kept, _WANTED)
+    named = [(field_name(f), f) for f in fields]
+    kept = [f for name, f in named if name not in _DROPPED]
+    found = _first_values_named(named, _WANTED)
     added: list[bytes] = []
     message_id = found.get("message-id", "").strip()
     if not message_id:

@@ -214,9 +214,10 @@ def _fallback_addresses(raw: str) -> list[str]:
 
 _PLAIN_LOCAL = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
 _PLAIN_DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-# one mailbox as most clients write it: ``local@domain`` or ``Some Name <local@domain>``
+# one mailbox as most clients write it: ``local@domain``, ``<local@domain>`` or
+# ``Some Name <local@domain>``
 _PLAIN_MAILBOX = re.compile(
-    rf"[ \t]*(?:[A-Za-z0-9]+(?:[ \t]+[A-Za-z0-9]+)*[ \t]*<({_PLAIN_LOCAL}@{_PLAIN_DOMAIN})>"
+    rf"[ \t]*(?:(?:[A-Za-z0-9]+(?:[ \t]+[A-Za-z0-9]+)*[ \t]*)?<({_PLAIN_LOCAL}@{_PLAIN_DOMAIN})>"
     rf"|({_PLAIN_LOCAL}@{_PLAIN_DOMAIN}))[ \t]*")
 
 

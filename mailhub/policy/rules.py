@@ -26,6 +26,7 @@ people, and a case-sensitive match would only let a case variant fall through to
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -57,8 +58,16 @@ def split_address(address: str) -> tuple[str, str] | None:
     """Return (local, domain), both lower-cased, or None when it is not a plain address.
 
     Surrounding angle brackets are dropped and a quoted local part that is a plain dot-atom is
-    unquoted (``"bob"@x`` is ``bob@x``, as RFC 5322 says).
+    unquoted (``"bob"@x`` is ``bob@x``, as RFC 5322 says). Every rule looks at every recipient,
+    and the same few recur: short strings' answers are cached.
     """
+    if len(address) > 640:
+        return _split_address.__wrapped__(address)
+    return _split_address(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_address(address: str) -> tuple[str, str] | None:
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
