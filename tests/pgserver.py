@@ -28,10 +28,13 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, Table
+from sqlmodel import SQLModel
 
 SUPERUSER = "mailhub"
 
@@ -159,3 +162,25 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
             server.drop_database(url.rsplit("/", 1)[1])
         except Exception:  # a test left connections open that FORCE could not end: harmless
             pass
+
+
+@contextmanager
+def throwaway_engine(kind: str, config: pytest.Config, sqlite_file: Path,
+                     make: Callable[[str], Engine], tables: list[Table]) -> Iterator[Engine]:
+    """An engine on a new SQLite file (``kind="sqlite"``) or a new database on the session's
+    PostgreSQL server (``"postgresql"``, dropped afterwards), with ``tables`` created."""
+    server, url = None, f"sqlite:///{sqlite_file}"
+    if kind == "postgresql":
+        server = session_server(config)
+        url = server.create_database()
+    engine = make(url)
+    SQLModel.metadata.create_all(engine, tables=tables)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        if server is not None:
+            try:
+                server.drop_database(url.rsplit("/", 1)[1])
+            except Exception:  # noqa: BLE001 - a leftover connection: the server goes at the end
+                pass

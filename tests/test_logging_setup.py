@@ -23,19 +23,22 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def _logger(handler: logging.Handler, name: str) -> logging.Logger:
+def _logger(name: str, *, capacity: int = 100, interval: float = 60,
+            fmt: str = "%(message)s") -> tuple[CountingStream, BatchingStreamHandler,
+                                                logging.Logger]:
+    """A logger of its own writing through a batching handler into a counting stream."""
+    stream = CountingStream()
+    handler = BatchingStreamHandler(stream, capacity=capacity, interval=interval)
+    handler.setFormatter(logging.Formatter(fmt))
     log = logging.getLogger(name)
     log.propagate = False
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
-    return log
+    return stream, handler, log
 
 
 def test_info_lines_wait_and_go_out_in_one_write() -> None:
-    stream = CountingStream()
-    handler = BatchingStreamHandler(stream, capacity=100, interval=60)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = _logger(handler, "t.batch")
+    stream, handler, log = _logger("t.batch")
     for i in range(10):
         log.info("line %d", i)
     assert stream.getvalue() == ""  # still buffered
@@ -46,10 +49,7 @@ def test_info_lines_wait_and_go_out_in_one_write() -> None:
 
 
 def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
-    stream = CountingStream()
-    handler = BatchingStreamHandler(stream, capacity=100, interval=60)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    log = _logger(handler, "t.warn")
+    stream, handler, log = _logger("t.warn", fmt="%(levelname)s %(message)s")
     log.info("first")
     log.warning("second")
     assert stream.getvalue() == "INFO first\nWARNING second\n"
@@ -57,10 +57,7 @@ def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
 
 
 def test_a_full_buffer_is_written_without_waiting() -> None:
-    stream = CountingStream()
-    handler = BatchingStreamHandler(stream, capacity=3, interval=60)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = _logger(handler, "t.full")
+    stream, handler, log = _logger("t.full", capacity=3)
     for i in range(7):
         log.info("%d", i)
     assert stream.getvalue() == "0\n1\n2\n3\n4\n5\n"
@@ -70,10 +67,7 @@ def test_a_full_buffer_is_written_without_waiting() -> None:
 
 
 def test_the_flusher_writes_waiting_lines_within_its_interval() -> None:
-    stream = CountingStream()
-    handler = BatchingStreamHandler(stream, capacity=100, interval=0.05)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = _logger(handler, "t.timer")
+    stream, handler, log = _logger("t.timer", interval=0.05)
     log.info("soon")
     deadline = time.monotonic() + 10
     while stream.getvalue() == "" and time.monotonic() < deadline:
@@ -83,10 +77,7 @@ def test_the_flusher_writes_waiting_lines_within_its_interval() -> None:
 
 
 def test_the_record_is_formatted_when_logged_not_when_written() -> None:
-    stream = CountingStream()
-    handler = BatchingStreamHandler(stream, capacity=100, interval=60)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = _logger(handler, "t.args")
+    stream, handler, log = _logger("t.args")
     items = ["a"]
     log.info("items=%s", items)
     items.append("b")

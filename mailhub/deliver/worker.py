@@ -10,10 +10,11 @@ disk. A crash between the 250 and that commit is the only way a message can go o
 rows still carry ``sending_since`` and are reported at the next start by ``recover_inflight``.
 New rows are claimed while the last ones of a batch are still being sent, so the connections
 never idle while there is work. A sender thread takes the rows already waiting for it (up to
-``CHAIN``) and sends them back to back, pipelined (``SmtpConnection.send_many``). A batch that
-was not full is followed by the next claim only
-once new rows were announced (``wake``) or the idle poll comes round, so a stream of single
-messages does not cost an empty claim each.
+``CHAIN``) and sends them back to back, pipelined (``SmtpConnection.send_many``); their outcomes
+are recorded once the chain is through, so a crash in between may send up to ``CHAIN`` rows
+again. A batch that was not full is followed by the next claim only once new rows were
+announced (``wake``) or the idle poll comes round, so a stream of single messages does not cost
+an empty claim each.
 """
 
 from __future__ import annotations

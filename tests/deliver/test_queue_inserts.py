@@ -11,31 +11,21 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 
 from mailhub.crypto.atrest import AtRest
 from mailhub.deliver import queue
 from mailhub.store.db import make_engine
 from mailhub.store.models import OutboundItem, Payload
-from tests.pgserver import session_server
+from tests.pgserver import throwaway_engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng, dropped = make_engine(f"sqlite:///{tmp_path / 'queue.db'}"), None
-    else:
-        server = session_server(request.config)
-        url = server.create_database()
-        eng, dropped = make_engine(url), (server, url.rsplit("/", 1)[1])
-    SQLModel.metadata.create_all(eng, tables=[OutboundItem.__table__, Payload.__table__])  # type: ignore[attr-defined]
-    yield eng
-    eng.dispose()
-    if dropped is not None:
-        try:
-            dropped[0].drop_database(dropped[1])
-        except Exception:  # noqa: BLE001 - a leftover connection: the server goes at the end
-            pass
+    tables = [OutboundItem.__table__, Payload.__table__]  # type: ignore[attr-defined]
+    with throwaway_engine(request.param, request.config, tmp_path / "queue.db", make_engine,
+                          tables) as eng:
+        yield eng
 
 
 def _rows(n: int) -> list[dict[str, object]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from mailhub.store.audit import (
     AUDIT_TABLES,
@@ -29,26 +29,14 @@ from mailhub.store.audit import (
     iter_entries,
     verify,
 )
-from tests.pgserver import session_server
+from tests.pgserver import throwaway_engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = create_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-        dropped = None
-    else:
-        server = session_server(request.config)
-        url = server.create_database()
-        eng, dropped = create_engine(url), (server, url.rsplit("/", 1)[1])
-    SQLModel.metadata.create_all(eng, tables=list(AUDIT_TABLES))
-    yield eng
-    eng.dispose()
-    if dropped is not None:
-        try:
-            dropped[0].drop_database(dropped[1])
-        except Exception:  # noqa: BLE001 - a leftover connection: the server goes at the end
-            pass
+    with throwaway_engine(request.param, request.config, tmp_path / "audit.db", create_engine,
+                          list(AUDIT_TABLES)) as eng:
+        yield eng
 
 
 def _batch(n: int, action: str = "queued", start: int = 0) -> list[Pending]:
