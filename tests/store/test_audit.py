@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session
 
 from mailhub.errors import StoreError
 from mailhub.store.audit import (
-    AUDIT_TABLES,
     GENESIS,
     AuditEntry,
     AuditError,
@@ -21,14 +18,6 @@ from mailhub.store.audit import (
     iter_entries,
     verify,
 )
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = create_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    SQLModel.metadata.create_all(eng, tables=list(AUDIT_TABLES))
-    yield eng
-    eng.dispose()
 
 
 def fill(engine: Engine, n: int = 6) -> None:

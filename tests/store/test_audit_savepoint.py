@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from sqlalchemy import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session
 
-from mailhub.store.audit import AUDIT_TABLES, AuditHead, append, entry_hash, verify
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = create_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    SQLModel.metadata.create_all(eng, tables=list(AUDIT_TABLES))
-    yield eng
-    eng.dispose()
+from mailhub.store.audit import AuditHead, append, entry_hash, verify
 
 
 def test_rolled_back_savepoint_is_not_chained_to(engine: Engine) -> None:
