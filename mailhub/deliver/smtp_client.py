@@ -187,14 +187,10 @@ class SmtpConnection:
         for item in items:
             if item.require_tls and not self._tls:
                 break
-            utf8 = item.smtputf8 and "smtputf8" in self.features
-            try:
-                mail, rcpt = smtp_wire.envelope(item.sender, item.recipient, smtputf8=utf8,
-                                                size=len(item.data) if "size" in self.features
-                                                else None)
-            except UnicodeEncodeError:
+            head = self._envelope(item.sender, item.recipient, len(item.data), item.smtputf8)
+            if head is None:
                 break
-            heads.append(mail + rcpt + _DATA)
+            heads.append(head[0] + head[1] + _DATA)
         if not heads:
             return
         sock.sendall(heads[0])
@@ -210,11 +206,7 @@ class SmtpConnection:
                     self._drop()
                     return
                 continue
-            if len(replies) == 3 and replies[2].code == 354:
-                sock.sendall(b".\r\n")  # DATA taken after all: end the empty message
-                reader.read()
-            self._after_refusal(refusal)
-            results.append(refused(refusal))
+            results.append(self._end_refused(replies, refusal))
             if self._sock is None:
                 return
             if after:
@@ -224,13 +216,11 @@ class SmtpConnection:
                      smtputf8: bool) -> SendResult:
         sock, reader = self._sock, self._reader
         assert sock is not None and reader is not None
-        utf8 = smtputf8 and "smtputf8" in self.features
-        size = len(data) if "size" in self.features else None
-        try:
-            mail, rcpt = smtp_wire.envelope(sender, recipient, size=size, smtputf8=utf8)
-        except UnicodeEncodeError:
+        head = self._envelope(sender, recipient, len(data), smtputf8)
+        if head is None:
             return SendResult(False, False, f"{self.host}:{self.port} does not offer SMTPUTF8, "
                               "which this message's addresses need")
+        mail, rcpt = head
         if self.pipelining:
             sock.sendall(mail + rcpt + _DATA)
             replies = self._read_pipelined(reader)
@@ -247,10 +237,28 @@ class SmtpConnection:
             final = reader.read()
             if final.code == 250:
                 return SENT
-            refusal = final
-        elif len(replies) == 3 and replies[2].code == 354:
-            sock.sendall(b".\r\n")  # DATA taken after all: end the empty message, then RSET
-            reader.read()
+            self._after_refusal(final)
+            return refused(final)
+        return self._end_refused(replies, refusal)
+
+    def _envelope(self, sender: str, recipient: str, size: int,
+                  smtputf8: bool) -> tuple[bytes, bytes] | None:
+        """MAIL and RCPT as this server takes them; None when the addresses need SMTPUTF8 and
+        the server does not offer it."""
+        try:
+            return smtp_wire.envelope(sender, recipient,
+                                      size=size if "size" in self.features else None,
+                                      smtputf8=smtputf8 and "smtputf8" in self.features)
+        except UnicodeEncodeError:
+            return None
+
+    def _end_refused(self, replies: list[Reply], refusal: Reply) -> SendResult:
+        """A transaction refused at MAIL, RCPT or DATA: an empty message ends a DATA taken
+        after all, then RSET (or the connection closes on a 421)."""
+        if len(replies) == 3 and replies[2].code == 354:
+            assert self._sock is not None and self._reader is not None
+            self._sock.sendall(b".\r\n")
+            self._reader.read()
         self._after_refusal(refusal)
         return refused(refusal)
 

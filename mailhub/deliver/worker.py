@@ -158,7 +158,7 @@ class DeliveryWorker:
         """Send one claimed row (unless ``result`` says how its sending went) and record the
         outcome (blocking; runs in a worker thread)."""
         if result is None:
-            data = self.sealer.open(sealed, str(item.payload_id).encode())
+            data = self._open(item, sealed)
             result = self._connection(item.relay).send(item.sender, item.recipient, data,
                                                        require_tls=item.require_tls,
                                                        smtputf8=_needs_smtputf8(item))
@@ -261,6 +261,10 @@ class DeliveryWorker:
             if last:
                 return
 
+    def _open(self, item: queue.Claimed, sealed: bytes) -> bytes:
+        """A claimed row's message, unsealed (its payload id is the associated data)."""
+        return self.sealer.open(sealed, str(item.payload_id).encode())
+
     def _deliver_chain(self, jobs: list[tuple[queue.Claimed, bytes | None]]) -> None:
         """Send the rows pipelined per next hop (``SmtpConnection.send_many``), then record each
         outcome as ``deliver_one`` does; a row the chain did not send goes alone."""
@@ -274,8 +278,7 @@ class DeliveryWorker:
                 if len(group) < 2:
                     continue
                 sent = self._connection(relay).send_many([
-                    Outgoing(item.sender, item.recipient,
-                             self.sealer.open(sealed, str(item.payload_id).encode()),
+                    Outgoing(item.sender, item.recipient, self._open(item, sealed),
                              item.require_tls, _needs_smtputf8(item))
                     for item, sealed in group])
                 results.update((item.id, r) for (item, _), r in zip(group, sent, strict=True))
