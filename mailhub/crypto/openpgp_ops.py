@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from mailhub.crypto import gpg_process
 from mailhub.errors import CryptoError, DecryptionFailed
 
 log = logging.getLogger("mailhub.crypto")
@@ -100,8 +101,11 @@ def norm_fpr(value: str) -> str:
 
 
 def run_gpg(gnupghome: str, args: list[str], data: bytes, *, passphrase: str | None = None,
-            timeout: float = TIMEOUT) -> GpgRun:
-    """One gpg process; status lines on stderr, the passphrase (if any) on its own pipe."""
+            timeout: float = TIMEOUT, expect_output: int | None = None) -> GpgRun:
+    """One gpg process; status lines on stderr, the passphrase (if any) on its own pipe.
+
+    ``expect_output``: an upper bound on gpg's output when one is known (encryption), which
+    lets the runner wait for gpg's exit instead of waking for every piece of output."""
     cmd = [GPG_BINARY, "--homedir", gnupghome, *BASE_ARGS, "--status-fd", "2"]
     pass_fds: tuple[int, ...] = ()
     read_fd = None
@@ -112,11 +116,11 @@ def run_gpg(gnupghome: str, args: list[str], data: bytes, *, passphrase: str | N
         pass_fds = (read_fd,)
         cmd += ["--passphrase-fd", str(read_fd)]
     try:
-        proc = subprocess.run([*cmd, *args], input=data, capture_output=True, timeout=timeout,
-                              pass_fds=pass_fds, check=False)
+        proc = gpg_process.run([*cmd, *args], data, timeout=timeout, pass_fds=pass_fds,
+                               expect_output=expect_output)
     except FileNotFoundError as exc:
         raise CryptoError("gpg is not installed", hint="install GnuPG 2.2 or later") from exc
-    except subprocess.TimeoutExpired as exc:
+    except gpg_process.TimedOut as exc:
         raise CryptoError(f"gpg did not finish within {timeout:.0f} s") from exc
     finally:
         if read_fd is not None:
@@ -124,6 +128,12 @@ def run_gpg(gnupghome: str, args: list[str], data: bytes, *, passphrase: str | N
     status = [line[9:].decode("utf-8", "replace").split(" ")
               for line in proc.stderr.splitlines() if line.startswith(b"[GNUPG:] ")]
     return GpgRun(proc.returncode, proc.stdout, proc.stderr, status)
+
+
+def armored_bound(size: int) -> int:
+    """More than gpg's armored output for ``size`` bytes of input can be (no compression):
+    the packets add at most a few KiB (keys, signature), armor adds a third and line ends."""
+    return (size + 65536) * 3 // 2
 
 
 def _key_problem(run: GpgRun) -> KeyUnusable | None:
@@ -151,7 +161,8 @@ def sign_encrypt(gnupghome: str, data: bytes, recipients: list[str], signer: str
         args += ["--sign", "--local-user", norm_fpr(signer)]
     for fpr in fprs:
         args += ["--recipient", fpr]
-    run = run_gpg(gnupghome, args, data, passphrase=passphrase)
+    run = run_gpg(gnupghome, args, data, passphrase=passphrase,
+                  expect_output=armored_bound(len(data)))
     if run.rc != 0 or not run.has("END_ENCRYPTION") or not run.stdout:
         raise _key_problem(run) or CryptoError(f"gpg could not encrypt: {run.reason()}")
     return run.stdout
@@ -162,7 +173,7 @@ def detached_signature(gnupghome: str, data: bytes, signer: str, *,
     """An armored detached signature over ``data`` and its RFC 3156 micalg."""
     args = ["--armor", "--detach-sign", "--digest-algo", "SHA256", "--local-user",
             norm_fpr(signer)]
-    run = run_gpg(gnupghome, args, data, passphrase=passphrase)
+    run = run_gpg(gnupghome, args, data, passphrase=passphrase, expect_output=65536)
     created = next((s for s in run.status if s[0] == "SIG_CREATED"), None)
     if run.rc != 0 or created is None or not run.stdout:
         raise _key_problem(run) or CryptoError(f"gpg could not sign: {run.reason()}")
