@@ -109,15 +109,20 @@ def run(cmd: list[str], data: bytes, *, timeout: float, pass_fds: tuple[int, ...
         if pidfd is not None:
             fds.open["exit"] = pidfd
     outs: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    deadline = time.monotonic() + timeout
     try:
-        _exchange(proc, data, fds, outs, time.monotonic() + timeout)
+        _exchange(proc, data, fds, outs, deadline)
+        try:  # its outputs are closed: it has exited, or is about to
+            rc = proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise TimedOut from None
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     finally:
         fds.close_all()
-    return Finished(proc.wait(), b"".join(outs[out_r]), b"".join(outs[err_r]))
+    return Finished(rc, b"".join(outs[out_r]), b"".join(outs[err_r]))
 
 
 def _exchange(proc: subprocess.Popen[bytes], data: bytes, fds: _Fds,

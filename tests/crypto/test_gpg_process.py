@@ -58,3 +58,8 @@ def test_no_descriptor_is_left_open() -> None:
     with pytest.raises(gpg_process.TimedOut):
         gpg_process.run(["sleep", "30"], b"", timeout=0.2, expect_output=10)
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_process_that_closes_its_outputs_but_runs_on_is_stopped_at_its_time() -> None:
+    with pytest.raises(gpg_process.TimedOut):
+        gpg_process.run(["sh", "-c", "exec >&- 2>&-; sleep 30"], b"", timeout=0.5)
