@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import and_, bindparam, delete, insert, or_, update
-from sqlalchemy import select as sa_select
+from sqlalchemy import and_, bindparam, insert, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -280,17 +279,12 @@ def _audit_outcome(session: Session, replies: dict[int, str], action: str) -> No
 
 _MARK_SENT = (update(_T).where(_T.c.id == bindparam("row_id"))
               .values(status="sent", sending_since=None, updated_at=bindparam("at"),
-                      reason=bindparam("reply"), payload_id=None))
-_UNUSED = ~sa_select(_T.c.id).where(_T.c.payload_id == _P.c.id).exists()
-_DROP_UNUSED_IN = delete(_P).where(_P.c.id.in_(bindparam("pids", expanding=True)), _UNUSED)
-_DROP_ALL_UNUSED = delete(_P).where(_UNUSED)
+                      reason=bindparam("reply")))
 
 
 def mark_sent_many(session: Session, sent: Iterable[tuple[int, str]]) -> None:
     """Mark rows sent, each with its own reply from the next hop (a real one names its queue
-    id, so no two replies are alike): one statement for all of them, and their audit entries.
-    A sent row lets go of its payload, which ``drop_unused_payloads`` then deletes once no row
-    needs it: the queue keeps no copy of what was sent."""
+    id, so no two replies are alike): one statement for all of them, and their audit entries."""
     replies = dict(sent)
     if not replies:
         return
@@ -298,17 +292,6 @@ def mark_sent_many(session: Session, sent: Iterable[tuple[int, str]]) -> None:
     session.connection().execute(_MARK_SENT, [
         {"row_id": item_id, "at": now, "reply": reply[:500]} for item_id, reply in replies.items()])
     _audit_outcome(session, replies, "sent")
-
-
-def drop_unused_payloads(session: Session, pids: Iterable[int] | None = None) -> int:
-    """Delete payloads that no queue row names any more (a sent row lets go of its payload):
-    ``pids``, or, with None, every one (at start-up, for marks a crash kept from being
-    followed by this). A payload never gains a row back, so nothing still needed goes."""
-    conn = session.connection()
-    if pids is None:
-        return int(conn.execute(_DROP_ALL_UNUSED).rowcount or 0)
-    wanted = sorted(set(pids))
-    return int(conn.execute(_DROP_UNUSED_IN, {"pids": wanted}).rowcount or 0) if wanted else 0
 
 
 def mark_sent_in(session: Session, ids: list[int], reply: str = "") -> None:

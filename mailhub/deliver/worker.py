@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime, timedelta
@@ -40,8 +39,6 @@ from mailhub.store.models import utcnow
 log = logging.getLogger("mailhub.deliver")
 
 CHAIN = 8  # rows a sender thread takes at once and sends back to back
-FREED_BATCH = 256  # sent rows' payloads deleted together...
-FREED_EVERY = 5.0  # ...or after this many seconds
 
 
 def backoff_delay(attempts: int, initial: int, maximum: int) -> timedelta:
@@ -93,8 +90,6 @@ class DeliveryWorker:
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self._sent: list[tuple[int, str]] = []  # sent, not yet recorded: one UPDATE for all
         self._sent_flush_queued = False
-        self._freed: list[int] = []  # payloads of sent rows, to delete
-        self._freed_at = time.monotonic()
 
     def wake(self) -> None:
         """New rows are queued: claim now (callable from any thread)."""
@@ -139,20 +134,14 @@ class DeliveryWorker:
         else:
             self.commits.submit(fn).add_done_callback(_log_failed_write)
 
-    def _record_sent(self, item_id: int, reply: str, payload_id: int | None = None) -> None:
+    def _record_sent(self, item_id: int, reply: str) -> None:
         """Queue the "sent" mark; all marks waiting when the commit thread gets to them go
-        into one UPDATE. The payloads they let go of are deleted a few hundred at a time."""
+        into one UPDATE."""
         if self.commits is None:
-            def mark(s: Session) -> None:
-                queue.mark_sent_in(s, [item_id], reply)
-                queue.drop_unused_payloads(s, [payload_id] if payload_id else [])
-
-            self._write(mark, wait=True)
+            self._write(lambda s: queue.mark_sent_in(s, [item_id], reply), wait=True)
             return
         with self._idle:
             self._sent.append((item_id, reply))
-            if payload_id:
-                self._freed.append(payload_id)
             if self._sent_flush_queued:
                 return
             self._sent_flush_queued = True
@@ -163,16 +152,6 @@ class DeliveryWorker:
             batch, self._sent = self._sent, []
             self._sent_flush_queued = False
         return batch
-
-    def take_freed(self) -> list[int]:
-        """Payload ids let go of by sent rows, once enough have gathered (or some time has
-        passed): one DELETE for many, away from the busiest commits."""
-        with self._idle:
-            now = time.monotonic()
-            if len(self._freed) < FREED_BATCH and now - self._freed_at < FREED_EVERY:
-                return []
-            freed, self._freed, self._freed_at = self._freed, [], now
-        return freed
 
     def deliver_one(self, item: queue.Claimed, sealed: bytes,
                     result: SendResult | None = None) -> str:
@@ -187,7 +166,7 @@ class DeliveryWorker:
         outcome, next_at = next_step(result, attempts=item.attempts, created_at=item.created_at,
                                      now=now, cfg=self.cfg)
         if outcome == "sent":
-            self._record_sent(item.id, result.reply, item.payload_id)
+            self._record_sent(item.id, result.reply)
             log.info("sent queue_id=%s message_id=%s to=%s relay=%s", item.id, item.message_id,
                      item.recipient, item.relay)
             if self.on_sent:
@@ -349,8 +328,6 @@ class DeliveryWorker:
         self._loop_thread = threading.get_ident()
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(lambda _: self._wake.set())
-        # payloads whose deletion a crash or stop forgot (their rows were marked sent)
-        self._write(queue.drop_unused_payloads, wait=False)
         try:
             while not stop.is_set():
                 self._wake.clear()  # before the claim: a row announced from now on is seen
@@ -388,14 +365,11 @@ class _SentFlush:
     def __init__(self, worker: DeliveryWorker) -> None:
         self.worker = worker
         self.batch: list[tuple[int, str]] | None = None
-        self.freed: list[int] | None = None
 
     def __call__(self, session: Session) -> None:
         if self.batch is None:
             self.batch = self.worker.take_sent()
-            self.freed = self.worker.take_freed()
         queue.mark_sent_many(session, self.batch)
-        queue.drop_unused_payloads(session, self.freed or [])
 
 
 def _log_failed_write(fut: Future[object]) -> None:

@@ -40,9 +40,6 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             # the queue reads back each payload it wrote moments ago (200 KB are 50 pages): a
             # page cache that holds a batch of them saves a pread per page (default: 2 MiB)
             cur.execute("PRAGMA cache_size=-32768")
-            # a sent payload's pages are freed and reused: zeroing them first (this SQLite's
-            # default) wrote each 200 KB payload a third time, and they hold sealed bytes only
-            cur.execute("PRAGMA secure_delete=FAST")
             cur.close()
 
         return engine

@@ -260,23 +260,3 @@ def test_rows_waiting_together_are_chained_and_each_keeps_its_outcome(
                             for i in range(12) if i != 5)
     assert server.connections == 1
     assert server.verbs().count("MAIL") == 12 and server.verbs().count("RSET") == 1
-
-
-@pytest.mark.parametrize("commits", [True, False])
-def test_sent_rows_payloads_are_deleted_and_unsent_ones_kept(
-        store: Store, servers: list[SmtpDouble], monkeypatch: pytest.MonkeyPatch,
-        commits: bool) -> None:
-    """What was sent leaves the queue's storage; a deferred row keeps its payload to retry."""
-    monkeypatch.setattr("mailhub.deliver.worker.FREED_BATCH", 1)
-    server = serve(servers, rcpt_replies={"later@clinic-a.example": "451 4.3.0 try later"})
-    rcpts = ["a@clinic-a.example", "later@clinic-a.example", "b@clinic-a.example",
-             "c@clinic-a.example"]
-    ids = [store.enqueue(r, f"Subject: {r}\r\n\r\nbody\r\n".encode()) for r in rcpts]
-    worker = make_worker(store, server, commits=commits)
-    drain(worker)
-    with Session(store.engine) as session:
-        left = set(queue.sealed_payloads_in(session, range(1, 100)))
-    rows = [store.row(i) for i in ids]
-    assert [r.status for r in rows] == ["sent", "queued", "sent", "sent"]
-    assert [r.payload_id for r in rows if r.status == "sent"] == [None, None, None]
-    assert left == {rows[1].payload_id}

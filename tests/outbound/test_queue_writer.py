@@ -17,12 +17,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from mailhub.app import Hub
-from mailhub.deliver.queue import (
-    drop_unused_payloads,
-    mark_failed_in,
-    mark_sent_in,
-    mark_sent_many,
-)
+from mailhub.deliver.queue import mark_failed_in, mark_sent_in, mark_sent_many
 from mailhub.errors import CryptoError
 from mailhub.outbound.queueing import QueueWriter, RowSpec, WriteJob
 from mailhub.store.audit import AuditEntry, verify
@@ -246,54 +241,3 @@ def test_a_reply_that_looks_like_key_material_still_records_the_outcome(hub: Hub
         s.commit()
     with session(hub) as s:
         assert {r.status for r in _rows(s)} == {"sent"}
-
-
-def test_a_sent_payload_is_deleted_once_no_row_needs_it(hub: Hub) -> None:
-    """The queue keeps no copy of what was sent (a shared ciphertext stays until its last
-    recipient is sent); held originals and queued copies keep theirs."""
-    with session(hub) as s:
-        QueueWriter(hub).write_many(s, _jobs())
-        s.commit()
-        rows = {(r.source_id, r.recipient): r for r in _rows(s) if r.kind == "mail"}
-        payloads_before = _count(s, Payload)
-    a1, a2, a3 = (rows[("spool-a", r)] for r in (
-        "dr.kaya@clinic-a.example", "lab@clinic-a.example", "bookings@airline.example"))
-    c1 = rows[("spool-c", "dr.y@clinic-c.example")]
-    assert a1.payload_id == a2.payload_id
-    with session(hub) as s:
-        mark_sent_in(s, [a1.id or 0], "250 2.0.0 Ok")
-        assert drop_unused_payloads(s, [a1.payload_id or 0]) == 0
-        s.commit()
-        assert _count(s, Payload) == payloads_before  # a2 still needs the shared ciphertext
-        assert s.get(OutboundItem, a1.id).payload_id is None
-    with session(hub) as s:
-        mark_sent_many(s, [(a2.id or 0, "250 2.0.0 Ok"), (c1.id or 0, "250 2.0.0 Ok")])
-        s.commit()
-        assert _count(s, Payload) == payloads_before  # let go of, not yet deleted
-        assert drop_unused_payloads(s, [a2.payload_id or 0, c1.payload_id or 0, 10**6]) == 2
-        s.commit()
-        assert _count(s, Payload) == payloads_before - 2
-        left = {p.id for p in s.execute(select(Payload)).scalars()}
-        assert a1.payload_id not in left and c1.payload_id not in left
-        for row in _rows(s):  # every row that still names a payload still has it
-            assert row.payload_id is None or row.payload_id in left
-            assert (row.payload_id is None) == (row.status == "sent")
-        assert a3.payload_id in left
-
-
-def test_the_start_up_sweep_deletes_every_payload_no_row_names(hub: Hub) -> None:
-    """Sent rows whose payloads a crash kept from being deleted: the sweep finds them all."""
-    with session(hub) as s:
-        QueueWriter(hub).write_many(s, _jobs())
-        s.commit()
-        rows = [r for r in _rows(s) if r.kind == "mail" and r.status == "queued"]
-        before = _count(s, Payload)
-    with session(hub) as s:
-        mark_sent_in(s, [r.id or 0 for r in rows], "250 2.0.0 Ok")
-        s.commit()
-    with session(hub) as s:
-        assert drop_unused_payloads(s) == 3  # shared, plaintext, S/MIME: held ones stay
-        s.commit()
-        assert _count(s, Payload) == before - 3
-        assert drop_unused_payloads(s) == 0
-        assert {r.payload_id is not None for r in _rows(s) if r.status == "held"} == {True}
