@@ -220,3 +220,10 @@ def make_tls_files(directory: Path) -> TlsFiles:
     files.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
     return files
+
+
+def serve(servers: list[SmtpDouble], **script: object) -> SmtpDouble:
+    """Start a scripted server and add it to ``servers`` (the fixture stops them all)."""
+    server = SmtpDouble(**script).start()  # type: ignore[arg-type]
+    servers.append(server)
+    return server

@@ -3,13 +3,11 @@ and a scripted server that pipelines, speaks STARTTLS and records every byte it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from mailhub.deliver.smtp_client import Outgoing, SmtpConnection
 from tests.conftest import SinkHandler
-from tests.deliver.smtp_double import SmtpDouble, TlsFiles, make_tls_files, unstuff
+from tests.deliver.smtp_double import SmtpDouble, TlsFiles, make_tls_files, serve, unstuff
 
 SENDER, RCPT = "coord@medvoyage.example", "records@clinic-a.example"
 
@@ -28,21 +26,6 @@ BODIES = [
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls_files(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-def double() -> Iterator[list[SmtpDouble]]:
-    """The scripted servers a test starts (``serve``), stopped after it."""
-    servers: list[SmtpDouble] = []
-    yield servers
-    for s in servers:
-        s.stop()
-
-
-def serve(servers: list[SmtpDouble], **script: object) -> SmtpDouble:
-    server = SmtpDouble(**script).start()  # type: ignore[arg-type]
-    servers.append(server)
-    return server
 
 
 def conn_to(server: SmtpDouble, **options: object) -> SmtpConnection:
@@ -71,9 +54,9 @@ def test_lockstep_to_aiosmtpd_byte_exact(sink: tuple[SinkHandler, int]) -> None:
     assert all(m.mail_from == SENDER and m.rcpt_tos == [RCPT] for m in got)
 
 
-def test_pipelined_group_and_exact_wire(double: list[SmtpDouble]) -> None:
+def test_pipelined_group_and_exact_wire(servers: list[SmtpDouble]) -> None:
     # replies held until DATA: only a client that sends MAIL, RCPT and DATA together gets on
-    server = serve(double, hold_until_data=True)
+    server = serve(servers, hold_until_data=True)
     conn = conn_to(server)
     try:
         for data, _ in BODIES:
@@ -96,8 +79,8 @@ def test_pipelined_group_and_exact_wire(double: list[SmtpDouble]) -> None:
 
 @pytest.mark.parametrize("reply,permanent", [("550 5.1.1 no such mailbox", True),
                                              ("451 4.3.0 greylisted, try later", False)])
-def test_refused_rcpt_then_rset(double: list[SmtpDouble], reply: str, permanent: bool) -> None:
-    server = serve(double, rcpt_replies={"gone@clinic-a.example": reply})
+def test_refused_rcpt_then_rset(servers: list[SmtpDouble], reply: str, permanent: bool) -> None:
+    server = serve(servers, rcpt_replies={"gone@clinic-a.example": reply})
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, "gone@clinic-a.example", b"secret body\r\n")
@@ -111,8 +94,8 @@ def test_refused_rcpt_then_rset(double: list[SmtpDouble], reply: str, permanent:
     assert server.connections == 1
 
 
-def test_refused_mail_reports_mail_reply(double: list[SmtpDouble]) -> None:
-    server = serve(double, mail_reply="553 5.1.8 sender domain unknown")
+def test_refused_mail_reports_mail_reply(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, mail_reply="553 5.1.8 sender domain unknown")
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, RCPT, b"x\r\n")
@@ -125,8 +108,8 @@ def test_refused_mail_reports_mail_reply(double: list[SmtpDouble]) -> None:
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
-def test_refused_data_command(double: list[SmtpDouble], pipelining: bool) -> None:
-    server = serve(double, pipelining=pipelining, data_reply="554 5.3.0 not now")
+def test_refused_data_command(servers: list[SmtpDouble], pipelining: bool) -> None:
+    server = serve(servers, pipelining=pipelining, data_reply="554 5.3.0 not now")
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, RCPT, b"x\r\n")
@@ -138,8 +121,8 @@ def test_refused_data_command(double: list[SmtpDouble], pipelining: bool) -> Non
 
 @pytest.mark.parametrize("final,permanent", [("552 5.3.4 message too big", True),
                                              ("451 4.3.0 local error", False)])
-def test_refused_after_body(double: list[SmtpDouble], final: str, permanent: bool) -> None:
-    server = serve(double, final_reply=final)
+def test_refused_after_body(servers: list[SmtpDouble], final: str, permanent: bool) -> None:
+    server = serve(servers, final_reply=final)
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, RCPT, b"x\r\n")
@@ -149,8 +132,8 @@ def test_refused_after_body(double: list[SmtpDouble], final: str, permanent: boo
     assert server.verbs()[-2:] == ["RSET", "QUIT"]
 
 
-def test_data_accepted_after_refused_rcpt_gets_empty_end(double: list[SmtpDouble]) -> None:
-    server = serve(double, rcpt_replies={RCPT: "550 5.1.1 unknown"}, data_reply="354 go on")
+def test_data_accepted_after_refused_rcpt_gets_empty_end(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, rcpt_replies={RCPT: "550 5.1.1 unknown"}, data_reply="354 go on")
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, RCPT, b"must not be sent\r\n")
@@ -161,8 +144,8 @@ def test_data_accepted_after_refused_rcpt_gets_empty_end(double: list[SmtpDouble
     assert server.verbs()[-2:] == ["RSET", "QUIT"]
 
 
-def test_421_closes_instead_of_rset(double: list[SmtpDouble]) -> None:
-    server = serve(double, mail_reply="421 4.3.2 shutting down")
+def test_421_closes_instead_of_rset(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, mail_reply="421 4.3.2 shutting down")
     conn = conn_to(server)
     result = conn.send(SENDER, RCPT, b"x\r\n")
     conn.close()
@@ -170,8 +153,8 @@ def test_421_closes_instead_of_rset(double: list[SmtpDouble]) -> None:
     assert "RSET" not in server.verbs() and "QUIT" not in server.verbs()
 
 
-def test_multiline_replies(double: list[SmtpDouble]) -> None:
-    server = serve(double, mail_reply="250-2.1.0 first\r\n250-2.1.0 second\r\n250 2.1.0 ok",
+def test_multiline_replies(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, mail_reply="250-2.1.0 first\r\n250-2.1.0 second\r\n250 2.1.0 ok",
                    rcpt_replies={"gone@clinic-a.example":
                                  "550-5.1.1 no such mailbox\r\n550 5.1.1 see the directory"})
     conn = conn_to(server)
@@ -185,8 +168,8 @@ def test_multiline_replies(double: list[SmtpDouble]) -> None:
 
 
 @pytest.mark.parametrize("drop_at", ["MAIL", "."])
-def test_reconnects_once_after_a_drop(double: list[SmtpDouble], drop_at: str) -> None:
-    server = serve(double, drop_at=drop_at, drops=1)
+def test_reconnects_once_after_a_drop(servers: list[SmtpDouble], drop_at: str) -> None:
+    server = serve(servers, drop_at=drop_at, drops=1)
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, RCPT, b"x\r\n")
@@ -196,8 +179,8 @@ def test_reconnects_once_after_a_drop(double: list[SmtpDouble], drop_at: str) ->
     assert server.connections == 2 and len(server.transactions) == 1
 
 
-def test_drop_twice_is_a_temporary_failure(double: list[SmtpDouble]) -> None:
-    server = serve(double, drop_at="MAIL", drops=-1)
+def test_drop_twice_is_a_temporary_failure(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, drop_at="MAIL", drops=-1)
     conn = conn_to(server)
     try:
         result = conn.send(SENDER, RCPT, b"x\r\n")
@@ -215,9 +198,9 @@ def test_unreachable_is_temporary() -> None:
     assert not result.ok and not result.permanent and "cannot connect" in result.reply
 
 
-def test_starttls_required_checks_the_certificate(double: list[SmtpDouble],
+def test_starttls_required_checks_the_certificate(servers: list[SmtpDouble],
                                                   tls_files: TlsFiles) -> None:
-    server = serve(double, tls=tls_files.server_context())
+    server = serve(servers, tls=tls_files.server_context())
     bad = conn_to(server, starttls="required", ca_file=tls_files.other_ca)
     refused = bad.send(SENDER, RCPT, b"x\r\n")
     bad.close()
@@ -231,9 +214,9 @@ def test_starttls_required_checks_the_certificate(double: list[SmtpDouble],
     assert [tx.tls for tx in server.transactions] == [True]
 
 
-def test_opportunistic_tls_without_certificate_checks(double: list[SmtpDouble],
+def test_opportunistic_tls_without_certificate_checks(servers: list[SmtpDouble],
                                                       tls_files: TlsFiles) -> None:
-    server = serve(double, tls=tls_files.server_context())
+    server = serve(servers, tls=tls_files.server_context())
     conn = conn_to(server)  # opportunistic: the test CA is unknown, TLS is used anyway
     try:
         assert conn.send(SENDER, RCPT, b"x\r\n", require_tls=True).ok
@@ -242,8 +225,8 @@ def test_opportunistic_tls_without_certificate_checks(double: list[SmtpDouble],
     assert [tx.tls for tx in server.transactions] == [True]
 
 
-def test_starttls_required_but_not_offered(double: list[SmtpDouble]) -> None:
-    server = serve(double)
+def test_starttls_required_but_not_offered(servers: list[SmtpDouble]) -> None:
+    server = serve(servers)
     conn = conn_to(server, starttls="required")
     result = conn.send(SENDER, RCPT, b"x\r\n")
     conn.close()
@@ -252,10 +235,10 @@ def test_starttls_required_but_not_offered(double: list[SmtpDouble]) -> None:
 
 
 @pytest.mark.parametrize("with_tls", [False, True])
-def test_require_tls_never_over_plaintext(double: list[SmtpDouble], tls_files: TlsFiles,
+def test_require_tls_never_over_plaintext(servers: list[SmtpDouble], tls_files: TlsFiles,
                                           with_tls: bool) -> None:
     # no TLS offered; or offered but [delivery].starttls = "off"
-    server = serve(double, tls=tls_files.server_context() if with_tls else None)
+    server = serve(servers, tls=tls_files.server_context() if with_tls else None)
     conn = conn_to(server, starttls="off" if with_tls else "opportunistic")
     try:
         result = conn.send(SENDER, RCPT, b"plaintext exception\r\n", require_tls=True)
@@ -267,8 +250,8 @@ def test_require_tls_never_over_plaintext(double: list[SmtpDouble], tls_files: T
     assert "STAR" not in server.verbs()
 
 
-def test_smtputf8_when_needed(double: list[SmtpDouble]) -> None:
-    server = serve(double)
+def test_smtputf8_when_needed(servers: list[SmtpDouble]) -> None:
+    server = serve(servers)
     conn = conn_to(server)
     try:
         assert conn.send("koordinátor@medvoyage.example", RCPT, b"x\r\n", smtputf8=True).ok
@@ -278,8 +261,8 @@ def test_smtputf8_when_needed(double: list[SmtpDouble]) -> None:
         "MAIL FROM:<koordinátor@medvoyage.example> SIZE=3 SMTPUTF8\r\n".encode())
 
 
-def test_smtputf8_needed_but_not_offered(double: list[SmtpDouble]) -> None:
-    server = serve(double, smtputf8=False)
+def test_smtputf8_needed_but_not_offered(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, smtputf8=False)
     conn = conn_to(server)
     try:
         result = conn.send("koordinátor@medvoyage.example", RCPT, b"x\r\n", smtputf8=True)
@@ -291,8 +274,8 @@ def test_smtputf8_needed_but_not_offered(double: list[SmtpDouble]) -> None:
     assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
-def test_quit_on_close(double: list[SmtpDouble]) -> None:
-    server = serve(double)
+def test_quit_on_close(servers: list[SmtpDouble]) -> None:
+    server = serve(servers)
     conn = conn_to(server)
     assert conn.send(SENDER, RCPT, b"x\r\n").ok
     conn.close()
@@ -319,9 +302,9 @@ def outgoing(n: int, **fields: object) -> list[Outgoing]:
             for i in range(n)]
 
 
-def test_send_many_chains_body_and_next_envelope_in_one_write(double: list[SmtpDouble]) -> None:
+def test_send_many_chains_body_and_next_envelope_in_one_write(servers: list[SmtpDouble]) -> None:
     # MAIL/RCPT replies held until DATA: each envelope still has to leave as one group
-    server = serve(double, hold_until_data=True)
+    server = serve(servers, hold_until_data=True)
     conn = conn_to(server)
     try:
         assert conn.send(SENDER, RCPT, b"warm\r\n").ok  # the connection is up
@@ -339,8 +322,8 @@ def test_send_many_chains_body_and_next_envelope_in_one_write(double: list[SmtpD
     assert server.verbs() == ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 5 + ["QUIT"]
 
 
-def test_send_many_refused_recipient_mid_chain(double: list[SmtpDouble]) -> None:
-    server = serve(double, rcpt_replies={"gone@clinic-a.example": "550 5.1.1 no such user"})
+def test_send_many_refused_recipient_mid_chain(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, rcpt_replies={"gone@clinic-a.example": "550 5.1.1 no such user"})
     conn = conn_to(server)
     items = outgoing(3)
     items[1] = Outgoing(SENDER, "gone@clinic-a.example", b"secret\r\n")
@@ -358,10 +341,10 @@ def test_send_many_refused_recipient_mid_chain(double: list[SmtpDouble]) -> None
         b"warm\r\n", items[0].data, items[2].data]
 
 
-def test_send_many_after_a_drop_mid_chain_sends_the_rest_once(double: list[SmtpDouble]) -> None:
+def test_send_many_after_a_drop_mid_chain_sends_the_rest_once(servers: list[SmtpDouble]) -> None:
     # the connection hangs up after reading the third body (warm-up, first, second): the second
     # got no reply, so it and the third go again on a new connection, each exactly once
-    server = serve(double, drop_at=".", drops=1, drop_skip=2)
+    server = serve(servers, drop_at=".", drops=1, drop_skip=2)
     conn = conn_to(server)
     try:
         assert conn.send(SENDER, RCPT, b"warm\r\n").ok
@@ -374,8 +357,8 @@ def test_send_many_after_a_drop_mid_chain_sends_the_rest_once(double: list[SmtpD
         f"Subject: {i}\r\n\r\n.body {i}\r\n".encode() for i in range(3)]
 
 
-def test_send_many_without_pipelining_goes_one_by_one(double: list[SmtpDouble]) -> None:
-    server = serve(double, pipelining=False)
+def test_send_many_without_pipelining_goes_one_by_one(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, pipelining=False)
     conn = conn_to(server)
     try:
         results = conn.send_many(outgoing(3))
@@ -385,8 +368,8 @@ def test_send_many_without_pipelining_goes_one_by_one(double: list[SmtpDouble]) 
     assert len(server.transactions) == 3 and server.connections == 1
 
 
-def test_send_many_never_sends_a_tls_only_message_in_the_clear(double: list[SmtpDouble]) -> None:
-    server = serve(double)  # no STARTTLS offered
+def test_send_many_never_sends_a_tls_only_message_in_the_clear(servers: list[SmtpDouble]) -> None:
+    server = serve(servers)  # no STARTTLS offered
     conn = conn_to(server)
     items = outgoing(3)
     items[1] = Outgoing(SENDER, RCPT, b"plaintext exception\r\n", require_tls=True)

@@ -25,7 +25,7 @@ from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
 from mailhub.deliver.worker import DeliveryWorker
 from mailhub.store.db import make_engine, migrate
 from mailhub.store.models import OutboundItem, utcnow
-from tests.deliver.smtp_double import SmtpDouble, unstuff
+from tests.deliver.smtp_double import SmtpDouble, serve, unstuff
 
 SENDER = "coord@medvoyage.example"
 
@@ -65,20 +65,6 @@ def store() -> Iterator[Store]:
     finally:
         engine.dispose()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[SmtpDouble]]:
-    started: list[SmtpDouble] = []
-    yield started
-    for s in started:
-        s.stop()
-
-
-def serve(started: list[SmtpDouble], **script: object) -> SmtpDouble:
-    server = SmtpDouble(**script).start()  # type: ignore[arg-type]
-    started.append(server)
-    return server
 
 
 def make_worker(store: Store, server: SmtpDouble, *, commits: bool = True,
