@@ -122,6 +122,10 @@ class SmtpConnection:
                 raise
             raise DeliveryError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         assert smtp.sock is not None
+        # every command group and every body goes out in one write, then we wait for a reply:
+        # Nagle would hold a write's last partial segment until the peer's delayed ACK (up to
+        # 40 ms on Linux), which halved the 200 KiB relay's rate
+        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._smtp, self._sock, self._tls = smtp, smtp.sock, tls
         self._reader = ReplyReader(smtp.sock.recv)
         self.features = dict(smtp.esmtp_features) if smtp.does_esmtp else {}

@@ -3,6 +3,8 @@ and a scripted server that pipelines, speaks STARTTLS and records every byte it 
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from mailhub.deliver.smtp_client import Outgoing, SmtpConnection
@@ -281,6 +283,22 @@ def test_quit_on_close(servers: list[SmtpDouble]) -> None:
     conn.close()
     conn.close()  # twice is harmless
     assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_no_nagle_delay_on_the_delivery_socket(servers: list[SmtpDouble], tls_files: TlsFiles,
+                                               tls: bool) -> None:
+    # a body leaves in one write and then we wait for the reply: Nagle's algorithm would hold
+    # its last partial segment until the peer's delayed ACK
+    server = serve(servers, tls=tls_files.server_context() if tls else None)
+    conn = conn_to(server)
+    try:
+        assert conn.send(SENDER, RCPT, b"x\r\n").ok
+        assert conn._tls is tls
+        assert conn._sock is not None
+        assert conn._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        conn.close()
 
 
 class CountingSocket:
