@@ -67,6 +67,7 @@ class DeliveryConfig:
     retry_initial: int = 60
     retry_max: int = 3600
     give_up_after: int = 432000
+    keep_sent_payloads: int = 86400
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     dl = _Section("delivery", raw.get("delivery", {}), {
         "smarthost", "starttls", "ca_file", "internal_relay", "workers", "retry_initial",
-        "retry_max", "give_up_after"})
+        "retry_max", "give_up_after", "keep_sent_payloads"})
     ca = dl.str("ca_file")
     delivery = DeliveryConfig(
         smarthost=dl.hostport("smarthost", "127.0.0.1:2526"),  # type: ignore[arg-type]
@@ -305,6 +306,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         retry_initial=dl.int("retry_initial", 60, 1),
         retry_max=dl.int("retry_max", 3600, 1),
         give_up_after=dl.int("give_up_after", 432000, 1),
+        keep_sent_payloads=dl.int("keep_sent_payloads", 86400, 0),
     )
 
     cr = _Section("crypto", raw.get("crypto", {}), {"allow_keyserver", "keyserver", "workers"})

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mailhub.app import Hub
 from mailhub.crypto.engine import CryptoEngine
 from mailhub.deliver import queue
+from mailhub.deliver.retention import PayloadSweeper
 from mailhub.deliver.worker import DeliveryWorker
 from mailhub.ingress.auth import FailureThrottle
 from mailhub.ingress.handlers import InboundHandler, SubmissionHandler
@@ -177,6 +178,7 @@ class Server:
         self.pipeline = OutboundPipeline(hub, self.crypto, on_queued=self.delivery.wake,
                                          writer=self.writer)
         self.pipeline.commits = self.commits
+        self.sweeper = PayloadSweeper(cfg.delivery.keep_sent_payloads)
         self.processors: dict[str, Processor] = {"submission": self.pipeline.process}
         self.extra_tasks: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self.inbound_gate = None
@@ -237,6 +239,7 @@ class Server:
                  n, len(stale), recovered)
         self._tasks.append(asyncio.create_task(self.runner.run(self.stop_event)))
         self._tasks.append(asyncio.create_task(self.delivery.run(self.stop_event)))
+        self._tasks.append(asyncio.create_task(self.sweeper.run(self.commits, self.stop_event)))
         for extra in self.extra_tasks:
             self._tasks.append(asyncio.create_task(extra(self.stop_event)))
 

@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from mailhub.crypto.engine import CryptoEngine
 from mailhub.deliver import queue
+from mailhub.deliver.retention import drop_unreferenced
 from mailhub.errors import MailhubError
 from mailhub.outbound.pipeline import OutboundPipeline, Prepared, visible_recipients
 from mailhub.policy.outbound import RecipientContext, decide_recipient
@@ -57,6 +58,7 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
             current.trace = trace_to_json(decision.trace)
             current.updated_at = utcnow()
             data = prep.outputs.get(row.recipient)
+            held_copy: int | None = None
             if data is None:
                 current.reason = prep.failures.get(row.recipient) or decision.reason
                 audit.append(session, actor, "still-held", message_id=row.message_id,
@@ -67,7 +69,7 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
                 payload = session.get(queue.Payload, pid)
                 assert payload is not None
                 payload.sealed = hub.sealer.seal(data, str(pid).encode())
-                current.payload_id = pid
+                held_copy, current.payload_id = current.payload_id, pid
                 current.status = "queued"
                 current.method = decision.method or "plaintext"
                 current.relay = decision.relay
@@ -78,6 +80,10 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
                              case_id=row.case_id, detail={"queue_id": item_id,
                                                           "method": current.method})
             session.add(current)
+            if held_copy is not None:
+                session.flush()
+                # the held original goes with the last row that kept it (others may share it)
+                drop_unreferenced(session, [held_copy])
             session.commit()
             return current
 

@@ -60,6 +60,8 @@ class OutboundItem(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("source_id", "recipient", name="uq_outbound_source_rcpt"),
         Index("ix_outbound_due", "status", "next_attempt_at"),
+        # the payload sweep walks finished rows in the order they ended
+        Index("ix_outbound_finished", "status", "updated_at"),
     )
     id: int | None = Field(default=None, primary_key=True)
     source_id: str = Field(index=True)  # the spool id of the submitted message

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, RunningHub, SinkHandler
+from tests.conftest import Instance, RunningHub, SinkHandler, set_config
 
 COORD = "coord@medvoyage.example"
 PASSWORD = "correct horse battery"
@@ -164,15 +164,67 @@ def test_held_message_released_when_key_arrives(instance: Instance,
         rows = json.loads(instance.run("queue", "list", "--json")[1])
         held = [r for r in rows if r["recipient"] == "late@clinic-b.example"]
         assert held and held[0]["status"] == "held"
+        held_copy = payload_ids(instance)[held[0]["id"]]
         home, pub = make_recipient(short_tmp, "late@clinic-b.example")
         code, _, err = instance.run("keys", "import", str(pub))
         assert code == 0, err
         wait_until(lambda: any(m.rcpt_tos == ["late@clinic-b.example"] for m in handler.messages))
     finally:
         running.stop()
+    # the released row carries its ciphertext; the held original is deleted, not orphaned
+    released = payload_ids(instance)[held[0]["id"]]
+    assert released is not None and released != held_copy
+    assert held_copy not in set(payload_ids(instance, table="payloads").values())
     wire = [m for m in handler.messages if m.rcpt_tos == ["late@clinic-b.example"]][0].content
     armored = wire[wire.index(b"-----BEGIN PGP MESSAGE-----"):]
     assert b"Hb 13.2" in gpg(home, "--decrypt", data=armored).stdout
+
+
+def test_sent_payloads_are_swept_and_held_ones_kept(instance: Instance,
+                                                   sink: tuple[SinkHandler, int],
+                                                   short_tmp: Path) -> None:
+    handler, _ = sink
+    add_user(instance)
+    set_config(instance.config, **{"delivery.keep_sent_payloads": "0"})
+    _, pub = make_recipient(short_tmp, "records@clinic-a.example")
+    assert instance.run("keys", "import", str(pub))[0] == 0
+    running = RunningHub(instance.config).start()
+    try:
+        submit(instance, case_mail("records@clinic-a.example, nokey@elsewhere.example"),
+               ["records@clinic-a.example", "nokey@elsewhere.example"])
+        handler.wait_for(2)  # the ciphertext and the held notice
+    finally:
+        running.stop()
+    rows = {r["recipient"]: r for r in json.loads(instance.run("queue", "list", "--json")[1])}
+    sent = rows["records@clinic-a.example"]
+    held = rows["nokey@elsewhere.example"]
+    assert (sent["status"], held["status"]) == ("sent", "held")
+    running = RunningHub(instance.config).start()  # swept at start (and every minute)
+    try:
+        wait_until(lambda: payload_ids(instance)[sent["id"]] is None)
+    finally:
+        running.stop()
+    ids = payload_ids(instance)
+    assert ids[held["id"]] is not None  # a held message keeps its original for release
+    assert set(payload_ids(instance, table="payloads")) == {ids[held["id"]]}
+    rows = {r["recipient"]: r for r in json.loads(instance.run("queue", "list", "--json")[1])}
+    assert rows["records@clinic-a.example"]["status"] == "sent"  # the row stays listed
+
+
+def payload_ids(instance: Instance, table: str = "outbound") -> dict[int, int | None]:
+    """Row id -> payload id (``outbound``), or payload id -> itself (``payloads``)."""
+    from sqlalchemy import text
+
+    from mailhub.app import Hub
+    from mailhub.config import load_config
+
+    engine = Hub(load_config(instance.config)).engine
+    column = "payload_id" if table == "outbound" else "id"
+    try:
+        with engine.connect() as conn:
+            return dict(conn.execute(text(f"SELECT id, {column} FROM {table}")).all())  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
 
 
 def test_key_import_refusals_are_clear(instance: Instance, short_tmp: Path) -> None:
