@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
@@ -91,3 +91,9 @@ class KeySnapshot:
 
     def has_usable(self, address: str) -> bool:
         return any(c.usable for c in self.candidates(address))
+
+    def changed_at(self, address: str) -> datetime | None:
+        """When a key of ``address`` last arrived or changed (None: the hub knows none)."""
+        self.refresh()
+        times = [r.updated_at for r in self._by_addr.get(address.lower(), [])]
+        return max((t if t.tzinfo else t.replace(tzinfo=UTC) for t in times), default=None)

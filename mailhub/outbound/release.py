@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 from sqlmodel import Session
 
 from mailhub.crypto.engine import CryptoEngine
+from mailhub.crypto.keystore import as_utc
 from mailhub.deliver import queue
 from mailhub.deliver.retention import drop_unreferenced
+from mailhub.deliver.worker import backoff_delay
 from mailhub.errors import MailhubError
 from mailhub.outbound.pipeline import OutboundPipeline, Prepared, visible_recipients
 from mailhub.policy.outbound import RecipientContext, decide_recipient
@@ -61,6 +64,11 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
             held_copy: int | None = None
             if data is None:
                 current.reason = prep.failures.get(row.recipient) or decision.reason
+                # tried again after a backoff (or at once when a key for it arrives), not at
+                # every pass of the auto-release loop
+                current.attempts += 1
+                current.next_attempt_at = current.updated_at + backoff_delay(
+                    current.attempts, cfg.delivery.retry_initial, cfg.delivery.retry_max)
                 audit.append(session, actor, "still-held", message_id=row.message_id,
                              case_id=row.case_id, detail={"queue_id": item_id,
                                                           "reason": current.reason[:300]})
@@ -71,6 +79,7 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
                 payload.sealed = hub.sealer.seal(data, str(pid).encode())
                 held_copy, current.payload_id = current.payload_id, pid
                 current.status = "queued"
+                current.attempts = 0  # delivery's own backoff starts afresh
                 current.method = decision.method or "plaintext"
                 current.relay = decision.relay
                 current.require_tls = decision.require_tls
@@ -115,12 +124,27 @@ def drop(hub, item_id: int, *, actor: str, why: str) -> OutboundItem:  # type: i
         return row
 
 
+def release_due(next_attempt_at: datetime, decided_at: datetime, key_changed_at: datetime | None,
+                now: datetime) -> bool:
+    """Whether a held row whose recipient has a usable key is tried again now: when its backoff
+    is over (a row the pipeline held has none), or at once when a key for its recipient
+    arrived or changed after the row was last decided. A failure that repeats (a key gpg
+    refuses, say) is then tried hourly at most, not at every pass of the loop."""
+    if key_changed_at is not None and key_changed_at > as_utc(decided_at):
+        return True
+    return as_utc(next_attempt_at) <= now
+
+
 async def auto_release(hub, pipeline: OutboundPipeline) -> int:  # type: ignore[no-untyped-def]
     """Release held rows whose recipient now has a usable key (runs periodically in serve)."""
     held = await asyncio.to_thread(queue.held_for, hub.engine)
     released = 0
+    now = utcnow()
     for row in held:
         if row.kind != "mail" or not hub.key_snapshot.has_usable(row.recipient):
+            continue
+        if not release_due(row.next_attempt_at, row.updated_at,
+                           hub.key_snapshot.changed_at(row.recipient), now):
             continue
         try:
             result = await release_async(hub, pipeline, row.id or 0, actor="auto-release")

@@ -1,0 +1,97 @@
+"""Held messages tried again: at once when a key arrives, after a backoff when a usable key
+still fails (a failure that repeats is not retried, audited and notified at every pass of the
+auto-release loop), with a real hub, real gpg and a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from mailhub.app import Hub
+from mailhub.config import load_config
+from mailhub.crypto.engine import CryptoEngine
+from mailhub.outbound.pipeline import OutboundPipeline
+from mailhub.outbound.release import auto_release, release_due
+from mailhub.spool.spool import Envelope
+from mailhub.store.audit import AuditEntry
+from mailhub.store.models import OutboundItem, Payload
+from tests.conftest import Instance
+from tests.deliver.test_relay_e2e import make_recipient
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+COORD = "lena@medvoyage.example"
+CLINIC = "dr.kaya@clinic-a.example"
+
+
+def test_release_due_after_backoff_or_when_a_key_arrives() -> None:
+    decided = NOW - timedelta(minutes=10)
+    # held by the pipeline: no backoff yet
+    assert release_due(decided, decided, None, NOW)
+    # a failed try pushed the next one out: not yet, whatever the loop's pace
+    assert not release_due(NOW + timedelta(minutes=5), decided, decided - timedelta(days=1), NOW)
+    # ... unless a key for the recipient arrived (or changed) since
+    assert release_due(NOW + timedelta(minutes=5), decided, decided + timedelta(seconds=1), NOW)
+    # naive values from SQLite are UTC
+    assert release_due(decided.replace(tzinfo=None), decided.replace(tzinfo=None), None, NOW)
+    assert not release_due((NOW + timedelta(hours=1)).replace(tzinfo=None),
+                           decided.replace(tzinfo=None), None, NOW)
+
+
+def _row(hub: Hub) -> OutboundItem:
+    with Session(hub.engine) as s:
+        row = s.execute(select(OutboundItem).where(OutboundItem.recipient == CLINIC)).scalar_one()
+        s.expunge(row)
+        return row
+
+
+def _still_held(hub: Hub) -> int:
+    with Session(hub.engine) as s:
+        return len(s.execute(select(AuditEntry).where(AuditEntry.action == "still-held")).all())
+
+
+def test_a_usable_key_that_fails_is_retried_after_a_backoff(instance: Instance,
+                                                            short_tmp: Path) -> None:
+    _, pub = make_recipient(short_tmp, CLINIC)
+    assert instance.run("keys", "import", str(pub))[0] == 0
+    hub = Hub(load_config(instance.config))
+    home = str(hub.keys.gnupg_home)
+    # the database says usable, but the hub's keyring lost the key: gpg refuses every try
+    listed = subprocess.run(["gpg", "--homedir", home, "--batch", "--with-colons",
+                             "--list-keys", CLINIC], capture_output=True, text=True, check=True)
+    fpr = next(line.split(":")[9] for line in listed.stdout.splitlines() if line.startswith("fpr"))
+    subprocess.run(["gpg", "--homedir", home, "--batch", "--yes", "--delete-keys", fpr],
+                   capture_output=True, check=True)
+    pipeline = OutboundPipeline(hub, CryptoEngine(0))
+    try:
+        raw = (f"From: {COORD}\r\nTo: {CLINIC}\r\nSubject: labs\r\n"
+               "Message-ID: <r1@medvoyage.example>\r\n\r\nHb 13.2\r\n").encode()
+        sid = hub.spool.accept(Envelope(COORD, [CLINIC], "submission", auth_user=COORD), raw)
+        assert asyncio.run(pipeline.process_many("submission", [sid])) == {}
+        first = _row(hub)
+        assert first.status == "held" and "encryption failed" in first.reason
+
+        assert asyncio.run(auto_release(hub, pipeline)) == 0  # due: tried, fails again
+        tried = _row(hub)
+        assert (tried.status, tried.attempts, _still_held(hub)) == ("held", 1, 1)
+        assert tried.next_attempt_at.replace(tzinfo=UTC) > datetime.now(UTC)
+        for _ in range(3):  # the loop's next passes leave it alone
+            assert asyncio.run(auto_release(hub, pipeline)) == 0
+        assert (_row(hub).attempts, _still_held(hub)) == (1, 1)
+
+        # the key comes back: tried at once, released, and its held original deleted
+        assert instance.run("keys", "import", str(pub))[0] == 0
+        hub.key_snapshot.refresh(force=True)
+        assert asyncio.run(auto_release(hub, pipeline)) == 1
+        released = _row(hub)
+        assert (released.status, released.attempts) == ("queued", 0)
+        with Session(hub.engine) as s:
+            assert s.get(Payload, first.payload_id) is None
+            assert s.get(Payload, released.payload_id) is not None
+    finally:
+        pipeline.crypto.close()
+        hub.engine.dispose()
