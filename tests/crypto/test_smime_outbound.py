@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from mailhub.crypto.certs import Identity, generate_smime_identity, load_certs, load_identity
-from mailhub.crypto.smime import sign_encrypt, sign_encrypt_bytes, sign_only, sign_only_bytes
+from mailhub.crypto.smime import (
+    sign_encrypt,
+    sign_encrypt_bytes,
+    sign_only,
+    sign_only_bytes,
+    to_crlf,
+)
 from mailhub.crypto.smime_inbound import unwrap
 from mailhub.errors import CryptoError
 
@@ -93,6 +99,9 @@ def test_openssl_decrypts_and_verifies_what_the_hub_sends(
         assert pdf.get_content() == PDF
 
 
+_BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
 def test_outer_headers_hide_the_subject_and_drop_bcc(parties: dict[str, Party]) -> None:
     out = sign_encrypt(
         _case_mail(), signer=parties["hub"].identity, recipients=[parties["clinic"].identity.cert]
@@ -106,7 +115,8 @@ def test_outer_headers_hide_the_subject_and_drop_bcc(parties: dict[str, Party]) 
     assert b"Bcc:" not in wire and b"boss@" not in wire  # ":" and "@" are not base64
     assert b"penicillin" not in wire and b"Pre-op" not in wire
     lines = out.get_payload().splitlines()  # type: ignore[union-attr]
-    assert max(len(line) for line in lines) == 76
+    assert max(len(line) for line in lines) <= 76  # RFC 2045's limit (the hub writes 64)
+    assert not [line for line in lines if line.strip(_BASE64_ALPHABET)]
 
 
 def test_openssl_rejects_the_signature_when_the_content_changes(
@@ -181,3 +191,16 @@ def test_signed_bytes_survive_relays_8bit_long_lines_trailing_space(
     result = unwrap(out, identities=[], known_certs=[hub.identity.cert])
     assert result.signature == "verified"
     assert result.message.get_content() == body
+
+
+@pytest.mark.parametrize(("raw", "canonical"), [
+    (b"a\r\nb\r\n", b"a\r\nb\r\n"),  # from SMTP: already canonical
+    (b"a\nb\n", b"a\r\nb\r\n"),
+    (b"a\r\nb\nc", b"a\r\nb\r\nc"),  # mixed
+    (b"a\rb\r\n", b"a\rb\r\n"),  # a bare CR is content, left alone
+    (b"a\r\n\nb", b"a\r\n\r\nb"),  # as many LF as CRLF would fool a count of CR alone
+    (b"", b""),
+])
+def test_to_crlf_canonical_line_ends(raw: bytes, canonical: bytes) -> None:
+    assert to_crlf(raw) == canonical
+    assert to_crlf(canonical) == canonical
