@@ -51,6 +51,7 @@ class Claimed:
     attempts: int
     created_at: datetime
     payload_id: int
+    method: str = ""
 
 
 class Sealer(Protocol):
@@ -216,7 +217,8 @@ def claim_due(engine: Engine, limit: int, now: datetime | None = None,
 
 _CLAIM = (
     select(_T.c.id, _T.c.source_id, _T.c.message_id, _T.c.sender, _T.c.recipient, _T.c.relay,
-           _T.c.kind, _T.c.require_tls, _T.c.attempts, _T.c.created_at, _T.c.payload_id)
+           _T.c.kind, _T.c.require_tls, _T.c.attempts, _T.c.created_at, _T.c.payload_id,
+           _T.c.method)
     .where(_T.c.status == "queued", _T.c.next_attempt_at <= bindparam("now"))
     .where(or_(_T.c.sending_since.is_(None), _T.c.sending_since < bindparam("stale")))
     .order_by(_T.c.next_attempt_at, _T.c.id)
@@ -238,7 +240,7 @@ def claim_due_in(session: Session, limit: int, now: datetime | None = None,
         return []
     conn.execute(_MARK_CLAIMED, {"ids": [r.id for r in rows], "now": now})
     return [Claimed(r.id, r.source_id, r.message_id, r.sender, r.recipient, r.relay, r.kind,
-                    r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0)
+                    r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0, r.method)
             for r in rows]
 
 

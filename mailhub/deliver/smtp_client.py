@@ -56,6 +56,7 @@ class Outgoing:
     data: bytes
     require_tls: bool = False
     smtputf8: bool = False
+    clean_body: bool = False  # written by the hub's MIME writers (smtp_wire.data_payload)
 
 
 def client_tls_context(mode: str, ca_file: Path | None) -> ssl.SSLContext:
@@ -131,7 +132,7 @@ class SmtpConnection:
         self.features = dict(smtp.esmtp_features) if smtp.does_esmtp else {}
 
     def send(self, sender: str, recipient: str, data: bytes, *, require_tls: bool = False,
-             smtputf8: bool = False) -> SendResult:
+             smtputf8: bool = False, clean_body: bool = False) -> SendResult:
         """Send one message to one recipient; map every outcome to ok/temporary/permanent."""
         for attempt in (1, 2):
             try:
@@ -140,7 +141,7 @@ class SmtpConnection:
                 if require_tls and not self._tls:
                     return SendResult(False, False, f"{self.host}:{self.port} offered no TLS and "
                                       "this message may only travel over TLS")
-                return self._transaction(sender, recipient, data, smtputf8)
+                return self._transaction(sender, recipient, data, smtputf8, clean_body)
             except (TimeoutError, ConnectionError) as exc:
                 self._drop()
                 if attempt == 2:
@@ -177,7 +178,8 @@ class SmtpConnection:
             if not chained:  # the next one alone, with send's care
                 item = items[len(results)]
                 results.append(self.send(item.sender, item.recipient, item.data,
-                                         require_tls=item.require_tls, smtputf8=item.smtputf8))
+                                         require_tls=item.require_tls, smtputf8=item.smtputf8,
+                                         clean_body=item.clean_body))
         return results
 
     def _chain(self, items: list[Outgoing], results: list[SendResult]) -> None:
@@ -203,7 +205,8 @@ class SmtpConnection:
             replies = self._read_pipelined(reader)
             refusal = first_refusal(replies)
             if refusal is None:
-                sock.sendall(smtp_wire.data_payload(item.data) + after)
+                sock.sendall(smtp_wire.data_payload(item.data, clean_body=item.clean_body)
+                             + after)
                 final = reader.read()
                 results.append(SENT if final.code == 250 else refused(final))
                 if final.code == 421:  # the server is closing: the next MAIL went nowhere
@@ -217,7 +220,7 @@ class SmtpConnection:
                 sock.sendall(after)
 
     def _transaction(self, sender: str, recipient: str, data: bytes,
-                     smtputf8: bool) -> SendResult:
+                     smtputf8: bool, clean_body: bool = False) -> SendResult:
         sock, reader = self._sock, self._reader
         assert sock is not None and reader is not None
         head = self._envelope(sender, recipient, len(data), smtputf8)
@@ -237,7 +240,7 @@ class SmtpConnection:
                     break
         refusal = first_refusal(replies)
         if refusal is None:
-            sock.sendall(smtp_wire.data_payload(data))
+            sock.sendall(smtp_wire.data_payload(data, clean_body=clean_body))
             final = reader.read()
             if final.code == 250:
                 return SENT

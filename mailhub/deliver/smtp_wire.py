@@ -112,13 +112,22 @@ def envelope(sender: str, recipient: str, *, size: int | None,
             f"RCPT TO:{quote_address(recipient)}\r\n".encode(encoding))
 
 
-def data_payload(data: bytes) -> bytes:
+def data_payload(data: bytes, *, clean_body: bool = False) -> bytes:
     """The message as sent after DATA's 354: every line end CRLF (a bare CR or LF is one),
     a line starting with "." gets another, the last line ends with CRLF, then ".\\r\\n".
 
     Written for large messages: one-byte counts and the regex engine's literal search are
     several times faster than ``bytes`` searches for two-byte needles, and armored OpenPGP
-    output ends its lines with LF alone (a regex substitution there cost 2 ms for 270 KB)."""
+    output ends its lines with LF alone (a regex substitution there cost 2 ms for 270 KB).
+
+    ``clean_body``: the body after the header block was written by the hub's own PGP/MIME or
+    S/MIME writer (CRLF line ends, MIME lines and base64 or armor: no line starts with ".";
+    ``tests/crypto`` holds both writers to that), so only the header block, copied from the
+    submitted message, is checked: 0.5 ms less for a 270 KB ciphertext."""
+    if clean_body and data[-2:] == CRLF:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0 and is_wire_clean(data[: end + 2]):
+            return data + b".\r\n"
     n_lf, n_cr = data.count(b"\n"), data.count(b"\r")
     if n_cr == 0:
         if n_lf:
@@ -132,3 +141,10 @@ def data_payload(data: bytes) -> bytes:
     if data[-2:] != CRLF:
         data += CRLF
     return data + b".\r\n"
+
+
+def is_wire_clean(data: bytes) -> bool:
+    """Every line end CRLF and no line starting with ".": the bytes go after DATA unchanged."""
+    n_lf = data.count(b"\n")
+    return (data.count(b"\r") == n_lf and data.count(CRLF) == n_lf and data[:1] != b"."
+            and _DOT_LINE.search(data) is None)

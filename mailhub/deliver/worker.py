@@ -40,6 +40,10 @@ log = logging.getLogger("mailhub.deliver")
 
 CHAIN = 8  # rows a sender thread takes at once and sends back to back
 
+# a queued row of these methods carries what the hub's own PGP/MIME or S/MIME writer made: its
+# body needs no CRLF or dot check before DATA (smtp_wire.data_payload's ``clean_body``)
+WRITTEN_BY_HUB = frozenset({"openpgp", "smime"})
+
 
 def backoff_delay(attempts: int, initial: int, maximum: int) -> timedelta:
     """Exponential backoff: initial, 2*initial, 4*initial ... capped at maximum (seconds)."""
@@ -161,7 +165,8 @@ class DeliveryWorker:
             data = self._open(item, sealed)
             result = self._connection(item.relay).send(item.sender, item.recipient, data,
                                                        require_tls=item.require_tls,
-                                                       smtputf8=_needs_smtputf8(item))
+                                                       smtputf8=_needs_smtputf8(item),
+                                                       clean_body=item.method in WRITTEN_BY_HUB)
         now = utcnow()
         outcome, next_at = next_step(result, attempts=item.attempts, created_at=item.created_at,
                                      now=now, cfg=self.cfg)
@@ -279,7 +284,8 @@ class DeliveryWorker:
                     continue
                 sent = self._connection(relay).send_many([
                     Outgoing(item.sender, item.recipient, self._open(item, sealed),
-                             item.require_tls, _needs_smtputf8(item))
+                             item.require_tls, _needs_smtputf8(item),
+                             item.method in WRITTEN_BY_HUB)
                     for item, sealed in group])
                 results.update((item.id, r) for (item, _), r in zip(group, sent, strict=True))
         except Exception:  # e.g. a payload that does not open: each row alone says which

@@ -190,3 +190,17 @@ def test_encrypt_bytes_keeps_the_body_bytes_and_folded_headers(pp: Parties) -> N
     assert inner.get_param("protected-headers") == "v1"
     assert inner["Subject"] == "[MT-2026-0042] Rückflug" and inner["X-Case"] == "MT-2026-0042"
     assert inner["Bcc"] is None
+
+
+def test_encrypt_bytes_output_goes_after_data_unchanged(pp: Parties) -> None:
+    # the sender trusts the body of what this writer makes (smtp_wire's clean_body): CRLF
+    # line ends and no line starting with ".", whatever the submitted message looked like
+    from mailhub.deliver.smtp_wire import data_payload, is_wire_clean
+
+    raw = (b"From: coord@medvoyage.example\nTo: doc@clinic-a.example\nSubject: dots\n\n"
+           b".leading dot\n..two\r\nbare CR\rend\n.\n" + b"x" * 3000 + b"\n")
+    out = encrypt_bytes(raw, gnupghome=pp.hub.gnupghome, recipients=[pp.partner_fpr],
+                        signer=pp.hub_key.fingerprint, autocrypt_header=make_header(
+                            "coord@medvoyage.example", b"\x99" * 200, prefer_encrypt=True))
+    assert is_wire_clean(out)
+    assert data_payload(out, clean_body=True) == data_payload(out) == out + b".\r\n"

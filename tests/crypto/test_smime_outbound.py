@@ -204,3 +204,15 @@ def test_signed_bytes_survive_relays_8bit_long_lines_trailing_space(
 def test_to_crlf_canonical_line_ends(raw: bytes, canonical: bytes) -> None:
     assert to_crlf(raw) == canonical
     assert to_crlf(canonical) == canonical
+
+
+def test_sign_encrypt_bytes_output_goes_after_data_unchanged(parties: dict[str, Party]) -> None:
+    # the sender trusts the body of what this writer makes (smtp_wire's clean_body)
+    from mailhub.deliver.smtp_wire import data_payload, is_wire_clean
+
+    hub, clinic = parties["hub"], parties["clinic"]
+    raw = (b"From: a@medvoyage.example\nTo: doc@clinic-a.example\nSubject: dots\n\n"
+           b".leading dot\n..two\r\nbare CR\rend\n.\n" + "Grüße ".encode() * 500 + b"\n")
+    out = sign_encrypt_bytes(raw, hub.key_pem, hub.cert_pem, [clinic.cert_pem])
+    assert is_wire_clean(out)
+    assert data_payload(out, clean_body=True) == data_payload(out) == out + b".\r\n"

@@ -16,6 +16,7 @@ from mailhub.deliver.smtp_wire import (
     ReplyTooLong,
     data_payload,
     envelope,
+    is_wire_clean,
     parse_reply,
     quote_address,
 )
@@ -130,3 +131,26 @@ def test_data_payload_fast_paths_match_the_plain_rules() -> None:
         assert data_payload(data) == plain(data), data
     armor = b"-----BEGIN PGP MESSAGE-----\n\n" + b"hQEMA+x/y\n" * 500 + b"-----END PGP MESSAGE-----\n"
     assert data_payload(armor) == plain(armor)
+
+
+def test_is_wire_clean() -> None:
+    assert is_wire_clean(b"a\r\nb.\r\n\r\n")
+    for dirty in (b"a\nb\r\n", b"a\rb\r\n", b"a\r\n.b\r\n", b".a\r\n", b"a\r\r\n"):
+        assert not is_wire_clean(dirty), dirty
+
+
+BODY = (b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n--b\r\n"
+        b"Content-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n--b--\r\n")
+
+
+def test_clean_body_checks_the_header_block_only() -> None:
+    clean = b"From: a@b.example\r\nSubject: ...\r\n\r\n" + BODY
+    assert data_payload(clean, clean_body=True) == data_payload(clean) == clean + b".\r\n"
+    # the header block came from the submitted message: when it is not wire-clean (a bare LF,
+    # a line starting with "."), or the whole does not end in CRLF, the full rules apply
+    for dirty in (b"From: a@b.example\nX: y\r\n\r\n" + BODY, b".X: y\r\n\r\n" + BODY,
+                  b"X: y\r\n\r\n" + BODY + b"tail", b"X: y\r\n" + BODY):
+        assert data_payload(dirty, clean_body=True) == data_payload(dirty), dirty
+    # what follows the header block is taken as the hub's writers made it: no search in it
+    vouched = b"X: y\r\n\r\n" + BODY + b".not-from-a-writer\r\n"
+    assert data_payload(vouched, clean_body=True) == vouched + b".\r\n"
