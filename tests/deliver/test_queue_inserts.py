@@ -5,27 +5,14 @@ order the database returned them in."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailhub.crypto.atrest import AtRest
 from mailhub.deliver import queue
-from mailhub.store.db import make_engine
-from mailhub.store.models import OutboundItem, Payload
-from tests.pgserver import throwaway_engine
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    tables = [OutboundItem.__table__, Payload.__table__]  # type: ignore[attr-defined]
-    with throwaway_engine(request.param, request.config, tmp_path / "queue.db", make_engine,
-                          tables) as eng:
-        yield eng
+from mailhub.store.models import OutboundItem
 
 
 def _rows(n: int) -> list[dict[str, object]]:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -24,20 +21,10 @@ from mailhub.deliver.retention import (
     drop_unreferenced,
     sweep_chunk,
 )
-from mailhub.store.db import make_engine
 from mailhub.store.models import OutboundItem, Payload
-from tests.pgserver import throwaway_engine
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SEALER = AtRest(os.urandom(32))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    tables = [OutboundItem.__table__, Payload.__table__]  # type: ignore[attr-defined]
-    with throwaway_engine(request.param, request.config, tmp_path / "queue.db", make_engine,
-                          tables) as eng:
-        yield eng
 
 
 def add(engine: Engine, status: str, ended: datetime, *, payload: int | None = None,
