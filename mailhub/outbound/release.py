@@ -129,7 +129,8 @@ def release_due(next_attempt_at: datetime, decided_at: datetime, key_changed_at:
     """Whether a held row whose recipient has a usable key is tried again now: when its backoff
     is over (a row the pipeline held has none), or at once when a key for its recipient
     arrived or changed after the row was last decided. A failure that repeats (a key gpg
-    refuses, say) is then tried hourly at most, not at every pass of the loop."""
+    refuses, say) is then tried every ``[delivery].retry_max`` seconds at most (an hour by
+    default), not at every pass of the loop."""
     if key_changed_at is not None and key_changed_at > as_utc(decided_at):
         return True
     return as_utc(next_attempt_at) <= now
