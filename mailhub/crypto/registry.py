@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from mailhub.crypto.keystore import as_utc
 from mailhub.policy.outbound import KeyCandidate
 from mailhub.store.models import KeyRecord, utcnow
 
@@ -95,5 +96,5 @@ class KeySnapshot:
     def changed_at(self, address: str) -> datetime | None:
         """When a key of ``address`` last arrived or changed (None: the hub knows none)."""
         self.refresh()
-        times = [r.updated_at for r in self._by_addr.get(address.lower(), [])]
-        return max((t if t.tzinfo else t.replace(tzinfo=UTC) for t in times), default=None)
+        return max((t for r in self._by_addr.get(address.lower(), [])
+                    if (t := as_utc(r.updated_at)) is not None), default=None)
