@@ -175,6 +175,7 @@ class Server:
         self.commits = queue.GroupCommit(hub.engine)
         self.delivery = DeliveryWorker(hub.engine, hub.sealer, cfg.delivery, helo=cfg.hub.domain,
                                        on_failed=self._on_failed, commits=self.commits)
+        self.writer.fresh = self.delivery.fresh  # queued payloads reach the senders in memory
         self.pipeline = OutboundPipeline(hub, self.crypto, on_queued=self.delivery.wake,
                                          writer=self.writer)
         self.pipeline.commits = self.commits

@@ -27,6 +27,7 @@ from sqlalchemy import and_, bindparam, insert, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from mailhub.deliver.fresh import AFTER_COMMIT
 from mailhub.errors import NotFound, StoreError
 from mailhub.store import audit
 from mailhub.store.models import OutboundItem, Payload, utcnow
@@ -186,6 +187,7 @@ class GroupCommit:
             with Session(self.engine, expire_on_commit=False) as session:
                 results = [fn(session) for fn, _ in batch]
                 session.commit()
+                hooks = session.info.pop(AFTER_COMMIT, ())
         except BaseException as exc:  # noqa: BLE001 - handed to the callers, never lost
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)
@@ -193,6 +195,11 @@ class GroupCommit:
             for job in batch:
                 self._commit([job])
             return
+        for hook in hooks:  # e.g. fresh payloads for the senders: only what was committed
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - an optimisation failed, the commit stands
+                log.exception("an after-commit step failed")
         self.commits += 1
         self.jobs += len(batch)
         for (_, fut), result in zip(batch, results, strict=True):

@@ -32,6 +32,7 @@ from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
+from mailhub.deliver.fresh import FreshPayloads, Opened, WirePayload, take_claimed
 from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
 from mailhub.spool.spool import Sealer
 from mailhub.store.models import utcnow
@@ -85,7 +86,8 @@ class DeliveryWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._local = threading.local()
-        self._jobs: SimpleQueue[tuple[queue.Claimed, bytes | None] | None] = SimpleQueue()
+        self._jobs: SimpleQueue[tuple[queue.Claimed, WirePayload | None] | None] = SimpleQueue()
+        self.fresh = FreshPayloads()  # payloads just queued, handed over in memory
         self._senders: list[threading.Thread] = []
         self._connections: list[SmtpConnection] = []
         self._lock = threading.Lock()
@@ -157,7 +159,7 @@ class DeliveryWorker:
             self._sent_flush_queued = False
         return batch
 
-    def deliver_one(self, item: queue.Claimed, sealed: bytes,
+    def deliver_one(self, item: queue.Claimed, sealed: WirePayload,
                     result: SendResult | None = None) -> str:
         """Send one claimed row (unless ``result`` says how its sending went) and record the
         outcome (blocking; runs in a worker thread)."""
@@ -190,11 +192,16 @@ class DeliveryWorker:
                 self.on_failed(item, result.reply)
         return outcome
 
-    def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, bytes]]:
+    def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:
         claimed = queue.claim_due_in(session, self.batch)
-        return claimed, queue.sealed_payloads_in(session, (c.payload_id for c in claimed))
+        payloads: dict[int, WirePayload] = {}
+        payloads.update(take_claimed(session.info, self.fresh,
+                                     [(c.id, c.payload_id) for c in claimed]))
+        payloads.update(queue.sealed_payloads_in(
+            session, (c.payload_id for c in claimed if c.payload_id not in payloads)))
+        return claimed, payloads
 
-    def _claim_alone(self) -> tuple[list[queue.Claimed], dict[int, bytes]]:
+    def _claim_alone(self) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:
         """The claim in a transaction of its own (no group commit)."""
         with Session(self.engine, expire_on_commit=False) as session:
             result = self._claim(session)
@@ -230,7 +237,7 @@ class DeliveryWorker:
         await waiter[1]
         return len(claimed)
 
-    def _dispatch(self, claimed: list[queue.Claimed], payloads: dict[int, bytes]) -> None:
+    def _dispatch(self, claimed: list[queue.Claimed], payloads: dict[int, WirePayload]) -> None:
         if not claimed:
             return
         self._start_senders()
@@ -266,15 +273,17 @@ class DeliveryWorker:
             if last:
                 return
 
-    def _open(self, item: queue.Claimed, sealed: bytes) -> bytes:
+    def _open(self, item: queue.Claimed, sealed: WirePayload) -> bytes:
         """A claimed row's message, unsealed (its payload id is the associated data)."""
+        if isinstance(sealed, Opened):
+            return sealed.data
         return self.sealer.open(sealed, str(item.payload_id).encode())
 
-    def _deliver_chain(self, jobs: list[tuple[queue.Claimed, bytes | None]]) -> None:
+    def _deliver_chain(self, jobs: list[tuple[queue.Claimed, WirePayload | None]]) -> None:
         """Send the rows pipelined per next hop (``SmtpConnection.send_many``), then record each
         outcome as ``deliver_one`` does; a row the chain did not send goes alone."""
         results: dict[int, SendResult] = {}
-        groups: dict[str, list[tuple[queue.Claimed, bytes]]] = {}
+        groups: dict[str, list[tuple[queue.Claimed, WirePayload]]] = {}
         for item, sealed in jobs:
             if sealed is not None:
                 groups.setdefault(item.relay, []).append((item, sealed))
@@ -298,7 +307,7 @@ class DeliveryWorker:
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0)
 
-    def _safe_deliver(self, item: queue.Claimed, sealed: bytes | None,
+    def _safe_deliver(self, item: queue.Claimed, sealed: WirePayload | None,
                       result: SendResult | None = None) -> None:
         try:
             if sealed is None:

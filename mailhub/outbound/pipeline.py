@@ -145,6 +145,7 @@ class OutboundPipeline:
         # messages; without it each step commits on its own
         self.commits: GroupCommit | None = None
         self._signers: tuple[float, str, bytes, bytes, bytes] | None = None
+        self._autocrypt: dict[tuple[str, bytes], str] = {}  # (From value, key) -> header
 
     def _signer_material(self) -> tuple[str, bytes, bytes, bytes]:
         """The hub's newest OpenPGP fingerprint (and its minimal binary public key, for the
@@ -158,11 +159,21 @@ class OutboundPipeline:
         return self._signers[1], self._signers[2], self._signers[3], self._signers[4]
 
     def autocrypt_header(self, raw: bytes, binary: bytes) -> str:
-        """Our Autocrypt header for the From address (replies then encrypt to the hub's key)."""
-        froms = [a for _, a in getaddresses([get_header(raw, "From") or ""]) if a]
-        if len(froms) != 1:
-            return ""
-        return autocrypt_unfold(make_autocrypt_header(froms[0], binary, prefer_encrypt=True))
+        """Our Autocrypt header for the From address (replies then encrypt to the hub's key).
+
+        Remembered per From value and key: a coordinator sends many messages, and building
+        the header (address parsing, base64 of the key) cost as much as writing a queue row."""
+        key = (get_header(raw, "From") or "", binary)
+        header = self._autocrypt.get(key)
+        if header is None:
+            froms = [a for _, a in getaddresses([key[0]]) if a]
+            header = ("" if len(froms) != 1 else
+                      autocrypt_unfold(make_autocrypt_header(froms[0], binary,
+                                                             prefer_encrypt=True)))
+            if len(self._autocrypt) >= 1024:
+                self._autocrypt.clear()
+            self._autocrypt[key] = header
+        return header
 
     def consent(self, address: str) -> bool:
         """Whether a patient recorded consent to plain email (asked only when no key helps)."""

@@ -16,6 +16,7 @@ from email.policy import SMTP
 from sqlmodel import Session
 
 from mailhub.deliver import queue
+from mailhub.deliver.fresh import FreshPayloads, remember
 from mailhub.outbound.notices import failure_dsn, hold_notice
 from mailhub.store import audit
 
@@ -56,6 +57,7 @@ def _action(spec: RowSpec) -> str:
 class QueueWriter:
     def __init__(self, hub) -> None:  # type: ignore[no-untyped-def]
         self.hub = hub
+        self.fresh: FreshPayloads | None = None  # the delivery worker's, when serving
 
     def write(self, session: Session, *, source_id: str, message_id: str, sender: str,
               specs: list[RowSpec], case_id: str | None = None, actor: str = "outbound") -> int:
@@ -95,6 +97,11 @@ class QueueWriter:
             detail={"recipient": spec.recipient, "method": spec.method, "queue_id": row_id,
                     "reason": spec.reason[:300]})
             for (job, spec, _), row_id in zip(planned, row_ids, strict=True)])
+        if self.fresh is not None:  # the senders get these bytes in memory once committed
+            remember(session.info, self.fresh, [
+                (row_id, pids[i], datas[i])
+                for (_, spec, i), row_id in zip(planned, row_ids, strict=True)
+                if spec.status == "queued"])
         for (job, spec, _), row_id in zip(planned, row_ids, strict=True):
             if spec.status == "held" and spec.kind == "mail" and job.sender:
                 self.notice(session, hold_notice(

@@ -9,15 +9,20 @@ from __future__ import annotations
 import re
 
 _EOL = re.compile(rb"\r?\n")
+_BLANK = re.compile(rb"\r?\n\r?\n")
 
 
 def split_message(raw: bytes) -> tuple[list[bytes], bytes, bytes]:
     """Return (header lines with their continuations joined, line ending, body)."""
-    m = re.search(rb"\r?\n\r?\n", raw)
-    if m is None:
-        head, body = raw, b""
-    else:
-        head, body = raw[: m.start()], raw[m.end():]
+    m = _BLANK.search(raw)
+    body = b"" if m is None else raw[m.end():]
+    fields, eol = _fields(raw, m)
+    return fields, eol, body
+
+
+def _fields(raw: bytes, m: re.Match[bytes] | None) -> tuple[list[bytes], bytes]:
+    """The header fields before the blank line ``m`` found (continuations joined)."""
+    head = raw if m is None else raw[: m.start()]
     eol = b"\r\n" if b"\r\n" in raw[: (m.end() if m else len(raw))] else b"\n"
     fields: list[bytes] = []
     for line in _EOL.split(head):
@@ -25,7 +30,7 @@ def split_message(raw: bytes) -> tuple[list[bytes], bytes, bytes]:
             fields[-1] += eol + line
         elif line:
             fields.append(line)
-    return fields, eol, body
+    return fields, eol
 
 
 def field_name(field: bytes) -> str:
@@ -50,8 +55,10 @@ def prepend_headers(raw: bytes, headers: list[tuple[str, str]]) -> bytes:
 
 
 def get_header(raw: bytes, name: str) -> str | None:
-    """First value of a header, unfolded, as text (undecoded encoded-words kept)."""
-    fields, _, _ = split_message(raw)
+    """First value of a header, unfolded, as text (undecoded encoded-words kept).
+
+    Only the header block is read: the body (200 KiB and more) is not copied."""
+    fields, _ = _fields(raw, _BLANK.search(raw))
     lname = name.lower()
     for f in fields:
         if field_name(f) == lname:

@@ -5,85 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import Engine
-from sqlmodel import Session
 
-from mailhub.config import DeliveryConfig, HostPort
-from mailhub.crypto.atrest import AtRest
 from mailhub.deliver import queue
 from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
-from mailhub.deliver.worker import DeliveryWorker
-from mailhub.store.db import make_engine, migrate
-from mailhub.store.models import OutboundItem, utcnow
+from mailhub.store.models import utcnow
 from tests.deliver.smtp_double import SmtpDouble, serve, unstuff
-
-SENDER = "coord@medvoyage.example"
-
-
-@dataclass
-class Store:
-    engine: Engine
-    sealer: AtRest
-    root: Path
-    failed: list[tuple[int, str]] = field(default_factory=list)
-
-    def enqueue(self, recipient: str, body: bytes, *, payload: bool = True,
-                **values: object) -> int:
-        with Session(self.engine) as session:
-            pid = queue.insert_payload(session, body, self.sealer) if payload else None
-            n = len(queue.list_items(self.engine))
-            item = queue.insert_item(session, source_id=f"spool-{n}", message_id=f"<m{n}@pc>",
-                                     sender=SENDER, recipient=recipient, payload_id=pid,
-                                     **values)
-            session.commit()
-            return item
-
-    def row(self, item_id: int) -> OutboundItem:
-        with Session(self.engine) as session:
-            row = session.get(OutboundItem, item_id)
-            assert row is not None
-            return row
-
-
-@pytest.fixture
-def store() -> Iterator[Store]:
-    root = Path(tempfile.mkdtemp(prefix="mhw", dir="/tmp"))
-    engine = make_engine(f"sqlite:///{root}/hub.sqlite")
-    migrate(engine)
-    try:
-        yield Store(engine, AtRest(os.urandom(32)), root)
-    finally:
-        engine.dispose()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def make_worker(store: Store, server: SmtpDouble, *, commits: bool = True,
-                internal: SmtpDouble | None = None, **cfg: object) -> DeliveryWorker:
-    config = DeliveryConfig(**{  # type: ignore[arg-type]
-        "smarthost": HostPort("127.0.0.1", server.port), "workers": 2, "retry_initial": 60,
-        "internal_relay": HostPort("127.0.0.1", internal.port) if internal else None, **cfg})
-    return DeliveryWorker(store.engine, store.sealer, config, helo="medvoyage.example",
-                          commits=queue.GroupCommit(store.engine) if commits else None,
-                          on_failed=lambda item, reply: store.failed.append((item.id, reply)))
-
-
-def drain(worker: DeliveryWorker) -> None:
-    """One batch, every send finished, every outcome committed; then the worker shut down."""
-    worker.run_batch()
-    worker.wait_idle()
-    worker.close()
-    if worker.commits is not None:
-        worker.commits.close()  # finishes the queued sent marks first
+from tests.deliver.worker_support import Store, drain, make_worker
 
 
 @pytest.mark.parametrize("commits", [True, False])

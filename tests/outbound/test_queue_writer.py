@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from mailhub.app import Hub
+from mailhub.deliver.fresh import AFTER_COMMIT, FreshPayloads
 from mailhub.deliver.queue import mark_failed_in, mark_sent_in, mark_sent_many
 from mailhub.errors import CryptoError
 from mailhub.outbound.queueing import QueueWriter, RowSpec, WriteJob
@@ -241,3 +242,25 @@ def test_a_reply_that_looks_like_key_material_still_records_the_outcome(hub: Hub
         s.commit()
     with session(hub) as s:
         assert {r.status for r in _rows(s)} == {"sent"}
+
+
+def test_queued_rows_are_remembered_for_the_senders_held_ones_are_not(hub: Hub) -> None:
+    writer = QueueWriter(hub)
+    writer.fresh = FreshPayloads()
+    with session(hub) as s:
+        writer.write_many(s, _jobs())
+        assert len(writer.fresh) == 0  # nothing before the commit
+        hooks = s.info.pop(AFTER_COMMIT)
+        s.commit()
+        rows = _rows(s)
+        for hook in hooks:  # what GroupCommit does once the commit is through
+            hook()
+        # a's 3 copies, c's one and the 2 notices about b's held copies (b's own rows: not)
+        assert len(writer.fresh) == 6
+        for row in rows:
+            got = writer.fresh.take(row.id, row.payload_id or 0)
+            if row.status == "held":
+                assert got is None
+            else:  # exactly the bytes stored under that row's payload id
+                assert got == _opened(hub, s, row.payload_id)
+        assert len(writer.fresh) == 0
