@@ -242,26 +242,39 @@ class OutboundPipeline:
 
     async def protect_all(self, preps: list[Prepared]) -> None:
         """Sign and encrypt every protection group of a batch in one call to the crypto pool;
-        a failure holds only the recipients of its own group."""
+        a group that fails is tried once more at once, and if it fails again only its own
+        recipients are held."""
         work: list[tuple[Prepared, list[str], ProtectJob]] = []
         for prep in preps:
             for rcpt, d in prep.decisions.items():
                 if d.action == "plaintext":
                     prep.outputs[rcpt] = prep.raw
             work += [(prep, rcpts, job) for rcpts, job in self.jobs(prep)]
-        try:
-            results = await self.crypto.protect_many([(p.raw, job) for p, _, job in work])
-        except Exception as exc:  # noqa: BLE001 - the pool itself failed: every group of it
-            results = [exc] * len(work)
+        results = await self._protect_groups(work)
+        again = [i for i, r in enumerate(results) if not isinstance(r, bytes)]
+        if again:  # once more at once: a gpg or worker hiccup must not mean a held notice
+            for i in again:
+                log.warning("protecting message_id=%s failed (%s); trying once more",
+                            work[i][0].message_id, _why(results[i]))
+            for i, result in zip(again, await self._protect_groups([work[i] for i in again]),
+                                 strict=True):
+                results[i] = result
         for (prep, rcpts, job), result in zip(work, results, strict=True):
             for rcpt in rcpts:
                 if isinstance(result, bytes):
                     prep.outputs[rcpt] = result
                 else:
-                    why = str(result) if isinstance(result, MailhubError) else "internal error"
+                    why = _why(result)
                     if not isinstance(result, MailhubError):
                         log.error("protecting message_id=%s failed: %r", prep.message_id, result)
                     prep.failures[rcpt] = f"{job.method} encryption failed: {why}"
+
+    async def _protect_groups(self, work: list[tuple[Prepared, list[str], ProtectJob]]
+                              ) -> list[bytes | BaseException]:
+        try:
+            return await self.crypto.protect_many([(p.raw, job) for p, _, job in work])
+        except Exception as exc:  # noqa: BLE001 - the pool itself failed: every group of it
+            return [exc] * len(work)
 
     def rows(self, prep: Prepared) -> list[RowSpec]:
         specs = []
@@ -365,3 +378,8 @@ class OutboundPipeline:
     def _remove(self, listener: str, spool_ids: list[str]) -> None:
         for sid in spool_ids:
             self.hub.spool.remove(listener, sid)
+
+
+def _why(result: bytes | BaseException) -> str:
+    """What a failed protection may tell the sender (a MailhubError's text is safe to show)."""
+    return str(result) if isinstance(result, MailhubError) else "internal error"

@@ -5,10 +5,12 @@ auto-release loop), with a real hub, real gpg and a real database."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
@@ -21,7 +23,7 @@ from mailhub.spool.spool import Envelope
 from mailhub.store.audit import AuditEntry
 from mailhub.store.models import OutboundItem, Payload
 from tests.conftest import Instance
-from tests.deliver.test_relay_e2e import make_recipient
+from tests.deliver.test_relay_e2e import gpg, make_recipient
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 COORD = "lena@medvoyage.example"
@@ -94,4 +96,55 @@ def test_a_usable_key_that_fails_is_retried_after_a_backoff(instance: Instance,
             assert s.get(Payload, released.payload_id) is not None
     finally:
         pipeline.crypto.close()
+        hub.engine.dispose()
+
+
+class _FirstCallFails(CryptoEngine):
+    """The real (inline) engine, except that its first batch fails as a crashed pool does."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.calls = 0
+
+    async def protect_many(self, items):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("worker process died")
+        return await super().protect_many(items)
+
+
+def test_a_failure_that_does_not_repeat_neither_holds_nor_notifies(
+        instance: Instance, short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    home, pub = make_recipient(short_tmp, CLINIC)
+    assert instance.run("keys", "import", str(pub))[0] == 0
+    code, hub_key, _ = instance.run("keys", "export-hub")
+    assert code == 0 and gpg(home, "--import", data=hub_key.encode()).returncode == 0
+    hub = Hub(load_config(instance.config))
+    engine = _FirstCallFails()
+    pipeline = OutboundPipeline(hub, engine)
+    try:
+        raw = (f"From: {COORD}\r\nTo: {CLINIC}\r\nSubject: labs\r\n"
+               "Message-ID: <r2@medvoyage.example>\r\n\r\nHb 13.2\r\n").encode()
+        sid = hub.spool.accept(Envelope(COORD, [CLINIC], "submission", auth_user=COORD), raw)
+        with caplog.at_level(logging.WARNING, logger="mailhub.outbound"):
+            assert asyncio.run(pipeline.process_many("submission", [sid])) == {}
+        assert engine.calls == 2
+        row = _row(hub)
+        assert (row.status, row.method) == ("queued", "openpgp")
+        with Session(hub.engine) as s:  # no hold, so no notice to the coordinator
+            rows = s.execute(select(OutboundItem)).scalars().all()
+            assert [(r.recipient, r.kind) for r in rows] == [(CLINIC, "mail")]
+            actions = {e.action for e in s.execute(select(AuditEntry)).scalars()}
+            assert "held" not in actions and "encrypted" in actions
+            payload = s.get(Payload, row.payload_id)
+            assert payload is not None
+            wire = hub.sealer.open(payload.sealed, str(row.payload_id).encode())
+        armored = wire[wire.index(b"-----BEGIN PGP MESSAGE-----"):]
+        dec = gpg(home, "--status-fd", "2", "--decrypt",
+                  data=armored[: armored.index(b"-----END PGP MESSAGE-----") + 25])
+        assert dec.returncode == 0 and b"Hb 13.2" in dec.stdout
+        assert b"[GNUPG:] GOODSIG" in dec.stderr  # signed by the hub
+        assert ["protecting message_id=<r2@medvoyage.example> failed (internal error); trying "
+                "once more"] == [r.getMessage() for r in caplog.records]
+    finally:
         hub.engine.dispose()
