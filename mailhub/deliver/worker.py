@@ -14,7 +14,8 @@ never idle while there is work. A sender thread takes the rows already waiting f
 are recorded once the chain is through, so a crash in between may send up to ``CHAIN`` rows
 again. A batch that was not full is followed by the next claim only once new rows were
 announced (``wake``) or the idle poll comes round, so a stream of single messages does not cost
-an empty claim each.
+an empty claim each. Rows the pipeline has just queued come with their bytes from memory
+(``deliver/fresh.py``) instead of being read back from the database and unsealed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import datetime, timedelta
 from queue import Empty, SimpleQueue
 
 from sqlalchemy.engine import Engine
@@ -33,6 +33,7 @@ from sqlmodel import Session
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
 from mailhub.deliver.fresh import FreshPayloads, Opened, WirePayload, take_claimed
+from mailhub.deliver.retry import backoff_delay, next_step
 from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
 from mailhub.spool.spool import Sealer
 from mailhub.store.models import utcnow
@@ -44,23 +45,6 @@ CHAIN = 8  # rows a sender thread takes at once and sends back to back
 # a queued row of these methods carries what the hub's own PGP/MIME or S/MIME writer made: its
 # body needs no CRLF or dot check before DATA (smtp_wire.data_payload's ``clean_body``)
 WRITTEN_BY_HUB = frozenset({"openpgp", "smime"})
-
-
-def backoff_delay(attempts: int, initial: int, maximum: int) -> timedelta:
-    """Exponential backoff: initial, 2*initial, 4*initial ... capped at maximum (seconds)."""
-    return timedelta(seconds=min(maximum, initial * (2 ** max(0, attempts - 1))))
-
-
-def next_step(result: SendResult, *, attempts: int, created_at: datetime, now: datetime,
-              cfg: DeliveryConfig) -> tuple[str, datetime | None]:
-    """Decide what a send result means: ("sent"|"retry"|"failed", next attempt time)."""
-    if result.ok:
-        return "sent", None
-    if result.permanent:
-        return "failed", None
-    if now - created_at >= timedelta(seconds=cfg.give_up_after):
-        return "failed", None
-    return "retry", now + backoff_delay(attempts, cfg.retry_initial, cfg.retry_max)
 
 
 OnFailed = Callable[[queue.Claimed, str], None]

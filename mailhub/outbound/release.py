@@ -16,7 +16,7 @@ from mailhub.crypto.engine import CryptoEngine
 from mailhub.crypto.keystore import as_utc
 from mailhub.deliver import queue
 from mailhub.deliver.retention import drop_unreferenced
-from mailhub.deliver.worker import backoff_delay
+from mailhub.deliver.retry import backoff_delay
 from mailhub.errors import MailhubError
 from mailhub.outbound.pipeline import OutboundPipeline, Prepared, visible_recipients
 from mailhub.policy.outbound import RecipientContext, decide_recipient

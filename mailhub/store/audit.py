@@ -100,13 +100,18 @@ def _fmt_at(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _canonical_values(values: Mapping[str, Any]) -> bytes:
-    """The bytes an entry's hash covers: every field but ``hash``, as sorted compact JSON."""
-    data = {"seq": values["seq"], "at": _fmt_at(values["at"]), "actor": values["actor"],
-            "action": values["action"], "message_id": values["message_id"],
-            "case_id": values["case_id"], "detail": values["detail"],
-            "prev_hash": values["prev_hash"]}
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+# made once: ``json.dumps`` with options builds a new encoder on every call
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _canonical_values(values: Mapping[str, Any], at_text: str | None = None) -> bytes:
+    """The bytes an entry's hash covers: every field but ``hash``, as sorted compact JSON
+    (``at_text``: ``values["at"]`` already formatted, shared by the entries of one append)."""
+    data = {"seq": values["seq"], "at": at_text or _fmt_at(values["at"]),
+            "actor": values["actor"], "action": values["action"],
+            "message_id": values["message_id"], "case_id": values["case_id"],
+            "detail": values["detail"], "prev_hash": values["prev_hash"]}
+    return _JSON.encode(data).encode()
 
 
 def canonical(entry: AuditEntry) -> bytes:
@@ -161,7 +166,7 @@ def _detail_json(detail: Mapping[str, Any] | None) -> str:
         raise AuditError("audit detail must be a mapping (a JSON object)")
     _check_detail(detail)
     try:
-        out = json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        out = _JSON.encode(detail)
     except (TypeError, ValueError) as exc:
         raise AuditError(f"audit detail is not JSON data: {exc}") from exc
     if len(out) > MAX_DETAIL:
@@ -229,7 +234,8 @@ def _chain_head(session: Session) -> tuple[Any, int, str]:
     return tx, seq, prev
 
 
-def _entry_values(p: Pending, seq: int, prev: str, at: datetime) -> dict[str, Any]:
+def _entry_values(p: Pending, seq: int, prev: str, at: datetime,
+                  at_text: str | None = None) -> dict[str, Any]:
     if not _ACTION.match(p.action or ""):
         raise AuditError(f"audit action {p.action!r} is not a lower-case word",
                          hint=f"use one of: {', '.join(ACTIONS)}")
@@ -239,7 +245,7 @@ def _entry_values(p: Pending, seq: int, prev: str, at: datetime) -> dict[str, An
         "seq": seq, "at": at, "actor": p.actor.strip(), "action": p.action,
         "message_id": _clip_message_id(p.message_id), "case_id": p.case_id,
         "detail": _detail_json(p.detail), "prev_hash": prev}
-    values["hash"] = hashlib.sha256(_canonical_values(values)).hexdigest()
+    values["hash"] = hashlib.sha256(_canonical_values(values, at_text)).hexdigest()
     return values
 
 
@@ -254,10 +260,11 @@ def append_many(session: Session, entries: list[Pending]) -> list[dict[str, Any]
         return []
     at = datetime.now(UTC).replace(tzinfo=None)
     tx, seq, prev = _chain_head(session)
+    at_text = _fmt_at(at)
     rows = []
     for p in entries:
         seq += 1
-        values = _entry_values(p, seq, prev, at)
+        values = _entry_values(p, seq, prev, at, at_text)
         prev = values["hash"]
         rows.append(values)
     conn = session.connection()

@@ -191,3 +191,17 @@ def test_long_message_id_is_clipped_but_distinct(engine: Engine) -> None:
         assert len(ea.message_id) <= 998 and ea.message_id != eb.message_id
         assert hashlib.sha256(a.encode()).hexdigest()[:16] in ea.message_id
         assert verify(s).ok
+
+
+def test_the_hashed_form_of_an_entry_does_not_change() -> None:
+    """Chains written by earlier versions must keep verifying: the canonical bytes are pinned
+    (sorted compact JSON, UTF-8, the time in UTC with microseconds)."""
+    from datetime import datetime
+
+    entry = AuditEntry(seq=7, at=datetime(2026, 11, 23, 12, 0, 0, 123456), actor="delivery",
+                       action="sent", message_id="<a@medvoyage.example>", case_id="MT-2026-0042",
+                       detail='{"queue_id":3,"recipient":"dr.kaya@clinic-a.example",'
+                              '"reply":"250 ok \u00e9"}',
+                       prev_hash="0" * 64)
+    assert entry_hash(entry) == (
+        "cc6b18d14b0cf7026d99ffea571ee2fae8c25e049d82bef2b6dda9b172a29e34")
