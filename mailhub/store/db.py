@@ -22,6 +22,9 @@ log = logging.getLogger("mailhub.store")
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+WAL_SIZE_LIMIT = 64 << 20  # bytes of SQLite write-ahead log kept after a checkpoint
+
+
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     """Create the engine; SQLite gets WAL, full fsync on commit and a generous busy timeout."""
     if url.startswith("sqlite"):
@@ -45,6 +48,10 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             # the WAL (and again at the checkpoint) as the messages had. What is stored is
             # sealed with the at-rest key anyway (Debian's SQLite defaults to ON).
             cur.execute("PRAGMA secure_delete=FAST")
+            # a burst of 200 KiB messages grows the WAL to hundreds of MB; without a limit the
+            # file keeps that size for ever (it is reused, never shrunk). Once a checkpoint has
+            # emptied it, it is cut back to this size when writing starts over.
+            cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             cur.close()
 
         return engine

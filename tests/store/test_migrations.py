@@ -52,3 +52,28 @@ def test_sqlite_connections_free_pages_without_zeroing_them(tmp_path: Path) -> N
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     finally:
         engine.dispose()
+
+
+def test_the_write_ahead_log_shrinks_back_after_a_burst(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from mailhub.store.db import WAL_SIZE_LIMIT
+
+    path = tmp_path / "hub.sqlite"
+    engine = make_engine(f"sqlite:///{path}")
+    wal = tmp_path / "hub.sqlite-wal"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)"))
+        with engine.begin() as conn:  # a burst: one transaction larger than the limit
+            for _ in range(WAL_SIZE_LIMIT // (1 << 20) + 16):
+                conn.execute(text("INSERT INTO blobs (data) VALUES (randomblob(1048576))"))
+        burst = wal.stat().st_size
+        assert burst > WAL_SIZE_LIMIT
+        with engine.begin() as conn:
+            conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))
+        with engine.begin() as conn:  # writing starts over at the log's beginning
+            conn.execute(text("INSERT INTO blobs (data) VALUES (x'00')"))
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT < burst
+    finally:
+        engine.dispose()
