@@ -5,8 +5,10 @@ A row that ended (``sent``, or ``failed`` with its DSN already on its way) keeps
 ``[delivery].keep_sent_payloads`` seconds have passed: the case file keeps its own sealed copy.
 Without this sweep the queue database grew by every message sent (about 270 KB for a 200 KiB
 OpenPGP message). Deleting each payload as its row ended cost the hot path about 0.1 ms a
-message; the sweep instead walks the finished rows in (updated_at, id) order from where it
-stopped, a bounded chunk at a time, so each row is looked at about once whatever the history.
+message; the sweep instead takes the oldest finished rows that still hold a payload, a bounded
+chunk at a time, through a partial index (``ix_outbound_unswept``) that holds only such rows:
+a swept row leaves it, so the sweep keeps no position, a restart does not walk the history again,
+and a row that ended with an earlier timestamp than others already swept is still found.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, delete, exists, or_, select, update
+from sqlalchemy import bindparam, delete, exists, select, update
 from sqlmodel import Session
 
 from mailhub.deliver.queue import GroupCommit
@@ -28,25 +30,15 @@ log = logging.getLogger("mailhub.queue")
 FINISHED = ("sent", "failed")
 _T = OutboundItem.__table__  # type: ignore[attr-defined]
 _P = Payload.__table__  # type: ignore[attr-defined]
-_START = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the walk over one status's finished rows stopped: (updated_at, id) seen last."""
-
-    at: datetime = _START
-    id: int = 0
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One step of the sweep: rows looked at, payloads deleted, and where to go on from."""
+    """One step of the sweep: rows that let go of their payload, payloads deleted."""
 
     status: str
     rows: int
     deleted: int
-    position: Position
 
 
 def cutoff(now: datetime, keep_seconds: int) -> datetime:
@@ -65,34 +57,36 @@ def drop_unreferenced(session: Session, payload_ids: Iterable[int]) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def sweep_chunk(session: Session, status: str, position: Position, before: datetime,
-                limit: int) -> Chunk:
-    """Release the payloads of up to ``limit`` rows of ``status`` that ended before ``before``,
-    after ``position``. The caller keeps the returned position once this has committed."""
-    after = or_(_T.c.updated_at > position.at,
-                and_(_T.c.updated_at == position.at, _T.c.id > position.id))
-    rows = session.execute(
-        select(_T.c.id, _T.c.payload_id, _T.c.updated_at)
-        .where(_T.c.status == status, after, _T.c.updated_at < before)
-        .order_by(_T.c.updated_at, _T.c.id).limit(limit)).all()
+# ``payload_id IS NOT NULL`` written out: it is what lets the planner use the partial index
+OLDEST_UNSWEPT = (
+    select(_T.c.id, _T.c.payload_id)
+    .where(_T.c.status == bindparam("status"), _T.c.payload_id.is_not(None),
+           _T.c.updated_at < bindparam("before"))
+    .order_by(_T.c.updated_at, _T.c.id).limit(bindparam("limit")))
+
+
+def sweep_chunk(session: Session, status: str, before: datetime, limit: int) -> Chunk:
+    """Release the payloads of the (at most ``limit``) oldest rows of ``status`` that ended
+    before ``before`` and still hold one. Unhooked, they leave ``ix_outbound_unswept``: the
+    next chunk finds the next rows, whatever happened in between."""
+    rows = session.execute(OLDEST_UNSWEPT, {"status": status, "before": before,
+                                            "limit": limit}).all()
     if not rows:
-        return Chunk(status, 0, 0, position)
-    holding = [(int(r.id), int(r.payload_id)) for r in rows if r.payload_id]
-    if holding:
-        session.execute(update(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
-                        .values(payload_id=None), {"ids": [i for i, _ in holding]})
-    deleted = drop_unreferenced(session, (p for _, p in holding))
-    last = rows[-1]
-    return Chunk(status, len(rows), deleted, Position(last.updated_at, int(last.id)))
+        return Chunk(status, 0, 0)
+    session.execute(update(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
+                    .values(payload_id=None), {"ids": [int(r.id) for r in rows]})
+    deleted = drop_unreferenced(session, (int(r.payload_id) for r in rows))
+    return Chunk(status, len(rows), deleted)
 
 
 class PayloadSweeper:
-    """Walks each finished status from where it stopped; one instance per serving process."""
+    """Sweeps each finished status chunk by chunk; one instance per serving process (several
+    instances on one database may sweep at once: a row is unhooked once, a payload deleted
+    once no row names it)."""
 
     def __init__(self, keep_seconds: int, *, limit: int = 500) -> None:
         self.keep_seconds = keep_seconds
         self.limit = limit
-        self.positions = {status: Position() for status in FINISHED}
         self.deleted = 0
 
     async def sweep(self, commits: GroupCommit, now: datetime | None = None) -> int:
@@ -102,10 +96,8 @@ class PayloadSweeper:
         deleted = 0
         for status in FINISHED:
             while True:
-                position = self.positions[status]
                 chunk = await commits.run(
-                    lambda s, st=status, p=position: sweep_chunk(s, st, p, before, self.limit))
-                self.positions[status] = chunk.position
+                    lambda s, st=status: sweep_chunk(s, st, before, self.limit))
                 deleted += chunk.deleted
                 if chunk.rows < self.limit:
                     break

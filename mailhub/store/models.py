@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -60,8 +60,11 @@ class OutboundItem(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("source_id", "recipient", name="uq_outbound_source_rcpt"),
         Index("ix_outbound_due", "status", "next_attempt_at"),
-        # the payload sweep walks finished rows in the order they ended
-        Index("ix_outbound_finished", "status", "updated_at"),
+        # the payload sweep takes finished rows that still hold a payload, oldest first; rows
+        # it has swept leave this index, so it stays as small as what is left to sweep
+        Index("ix_outbound_unswept", "status", "updated_at", "id",
+              sqlite_where=text("payload_id IS NOT NULL"),
+              postgresql_where=text("payload_id IS NOT NULL")),
     )
     id: int | None = Field(default=None, primary_key=True)
     source_id: str = Field(index=True)  # the spool id of the submitted message

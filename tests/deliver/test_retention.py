@@ -1,12 +1,14 @@
 """The payload sweep, on SQLite and PostgreSQL: finished rows old enough give up their payloads
-(a payload shared with a row still waiting stays), nothing else is touched, and the walk goes
-on from where it stopped, also through many rows that ended at the same instant."""
+(a payload shared with a row still waiting stays), nothing else is touched, and chunk after chunk
+every such row is found: through many rows that ended at the same instant, after a restart,
+and when a row ends with an earlier timestamp than rows already swept."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -15,12 +17,13 @@ from sqlmodel import Session
 from mailhub.crypto.atrest import AtRest
 from mailhub.deliver import queue
 from mailhub.deliver.retention import (
+    OLDEST_UNSWEPT,
     PayloadSweeper,
-    Position,
     cutoff,
     drop_unreferenced,
     sweep_chunk,
 )
+from mailhub.store.db import make_engine, migrate
 from mailhub.store.models import OutboundItem, Payload
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -97,25 +100,49 @@ def test_the_last_sharer_takes_the_payload_with_it(engine: Engine) -> None:
     assert first[1] not in payload_ids(engine)
 
 
-def test_walk_goes_on_from_where_it_stopped_through_ties(engine: Engine) -> None:
-    # seven rows that ended at the same instant, three at a time: all are swept, and the
-    # walk ends (the position carries the row id, not only the time)
+def test_chunks_go_through_ties_and_stop_when_nothing_is_left(engine: Engine) -> None:
+    # seven rows that ended at the same instant, three at a time: all are swept, and then the
+    # next chunk finds nothing (swept rows no longer hold a payload, so they are not seen)
     same = NOW - timedelta(days=1)
     rows = [add(engine, "sent", same, n=i) for i in range(7)]
-    position, seen = Position(), 0
+    seen = []
     for _ in range(10):
         with Session(engine) as s:
-            chunk = sweep_chunk(s, "sent", position, cutoff(NOW, 60), 3)
+            chunk = sweep_chunk(s, "sent", cutoff(NOW, 60), 3)
             s.commit()
-        seen += chunk.rows
-        position = chunk.position
+        seen.append(chunk.rows)
         if chunk.rows < 3:
             break
-    assert seen == 7
+    assert seen == [3, 3, 1]
     assert all(payload_of(engine, r) is None for r, _ in rows)
     assert payload_ids(engine) == set()
-    with Session(engine) as s:  # nothing new: the next chunk looks at no row at all
-        assert sweep_chunk(s, "sent", position, cutoff(NOW, 60), 3).rows == 0
+    with Session(engine) as s:
+        assert sweep_chunk(s, "sent", cutoff(NOW, 60), 3).rows == 0
+
+
+def test_a_row_stamped_earlier_than_swept_ones_is_still_swept(engine: Engine) -> None:
+    # another instance's clock runs behind: its row ends "before" rows already swept
+    sweeper = PayloadSweeper(60)
+    swept = add(engine, "sent", NOW - timedelta(hours=1), n=1)
+    asyncio.run(sweep(engine, sweeper))
+    assert payload_of(engine, swept[0]) is None
+    behind = add(engine, "sent", NOW - timedelta(hours=2), n=2)
+    assert asyncio.run(sweep(engine, sweeper)) == 1
+    assert payload_of(engine, behind[0]) is None
+
+
+def test_a_new_sweeper_after_a_restart_looks_only_at_what_is_left(engine: Engine) -> None:
+    old = NOW - timedelta(days=1)
+    for i in range(5):
+        add(engine, "sent", old, n=i)
+    assert asyncio.run(sweep(engine, PayloadSweeper(60, limit=2))) == 5
+    left = add(engine, "failed", old, n=9)
+    restarted = PayloadSweeper(60, limit=2)
+    with Session(engine) as s:  # the rows swept before are not in the way of the first chunk
+        chunk = sweep_chunk(s, "sent", cutoff(NOW, 60), 2)
+        assert chunk.rows == 0
+    assert asyncio.run(sweep(engine, restarted)) == 1
+    assert payload_of(engine, left[0]) is None and payload_ids(engine) == set()
 
 
 def test_rows_that_end_later_are_found_by_a_later_sweep(engine: Engine) -> None:
@@ -144,3 +171,18 @@ async def sweep(engine: Engine, sweeper: PayloadSweeper) -> int:
         return await sweeper.sweep(commits, now=NOW)
     finally:
         commits.close()
+
+
+def test_sqlite_finds_the_oldest_unswept_rows_through_the_partial_index(tmp_path: Path) -> None:
+    """With the migrated schema the sweep's query reads ``ix_outbound_unswept`` (rows that still
+    hold a payload), not every finished row of the history."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    try:
+        migrate(engine)
+        compiled = OLDEST_UNSWEPT.compile(dialect=engine.dialect)
+        with engine.connect() as conn:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled),
+                                        ("sent", "2026-11-23 12:00:00.000000", 500, 0)).all()
+        assert any("ix_outbound_unswept" in str(step[-1]) for step in plan), plan
+    finally:
+        engine.dispose()

@@ -19,23 +19,32 @@ def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
         migrate(engine)
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
-        assert schema_revision(engine) == "0002"
+        assert schema_revision(engine) == "0003"
     finally:
         engine.dispose()
 
 
-def test_upgrade_from_the_first_revision_adds_the_sweep_index(tmp_path: Path) -> None:
+def test_upgrades_build_the_sweep_index_and_then_make_it_partial(tmp_path: Path) -> None:
     from alembic import command
     from sqlalchemy import inspect
 
     from mailhub.store.db import _alembic_config
 
+    def indexes() -> set[str]:
+        return {i["name"] for i in inspect(engine).get_indexes("outbound")}
+
     engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     try:
         command.upgrade(_alembic_config(engine), "0001")
-        assert "ix_outbound_finished" not in {i["name"] for i in inspect(engine).get_indexes("outbound")}
+        assert not {"ix_outbound_finished", "ix_outbound_unswept"} & indexes()
+        command.upgrade(_alembic_config(engine), "0002")
+        assert "ix_outbound_finished" in indexes()
         migrate(engine)
-        assert "ix_outbound_finished" in {i["name"] for i in inspect(engine).get_indexes("outbound")}
+        assert "ix_outbound_unswept" in indexes() and "ix_outbound_finished" not in indexes()
+        with engine.connect() as conn:  # partial: only rows that still hold a payload
+            sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = "
+                                       "'ix_outbound_unswept'").scalar_one()
+        assert "WHERE payload_id IS NOT NULL" in sql
     finally:
         engine.dispose()
 
