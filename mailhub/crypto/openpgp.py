@@ -45,6 +45,7 @@ from mailhub.crypto.openpgp_ops import (
     sign_encrypt,
     verify_detached,
 )
+from mailhub.crypto.own_key_check import locked_keys
 from mailhub.errors import CryptoError, KeyImportError, NotFound
 
 __all__ = [
@@ -282,12 +283,25 @@ class Keyring:
         self._import(data)
         return [self.get(k.fingerprint) or k for k in keys]
 
-    def import_secret(self, data: bytes) -> list[KeyInfo]:
-        """Import one of the hub's own secret keys (rollover); expired ones still decrypt."""
+    def import_secret(self, data: bytes, *, unattended: bool = True) -> list[KeyInfo]:
+        """Import one of the hub's own secret keys (rollover); expired ones still decrypt.
+
+        ``unattended`` (the hub's own keys): a key that needs a passphrase is refused. Only a
+        caller that hands gpg the passphrase on every use may pass False."""
         keys, has_secret = self._scan(data)
         if not has_secret:
             raise KeyImportError("no secret key in this file",
                                  hint="partners' public keys go in with 'mailhub keys import'")
+        locked = (locked_keys(data, [(k.fingerprint, k.can_encrypt) for k in keys])
+                  if unattended else [])
+        if locked:
+            raise KeyImportError(
+                f"the secret key {locked[0]} is protected by a passphrase; the hub signs and "
+                "decrypts unattended, so its own keys have none (keys/ is readable by the hub "
+                "alone)",
+                hint=f"remove the passphrase in a copy of the keyring ('gpg --passwd {locked[0]}',"
+                     " leaving the new one empty), export it ('gpg --armor --export-secret-keys "
+                     f"{locked[0]} > key.asc') and import that file")
         result = self._import(data)
         if not (result.sec_imported or result.sec_dups):
             raise KeyImportError("gpg imported no secret key from this file")

@@ -63,3 +63,49 @@ def test_import_own_smime_and_export(instance: Instance, short_tmp: Path) -> Non
     # a certificate without its key is refused clearly
     code, out, err = instance.run("keys", "import-own", str(crt))
     assert code == 1 and "Traceback" not in err
+
+
+def test_import_own_refuses_a_passphrase_protected_key_and_says_how(instance: Instance,
+                                                                    short_tmp: Path) -> None:
+    """Imported as it is, a protected key would sign every outbound message and every
+    signature would fail (all case mail held): it is refused, and nothing is imported."""
+    before = instance.run("keys", "list", "--json")[1]
+    org_home = short_tmp / "org"
+    org_home.mkdir(mode=0o700)
+    base = ["gpg", "--homedir", str(org_home), "--batch", "--pinentry-mode", "loopback",
+            "--passphrase", "correct horse"]
+    made = subprocess.run([*base, "--quick-gen-key", "Org <hub@medvoyage.example>", "ed25519",
+                           "sign", "1y"], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    fpr = subprocess.run(["gpg", "--homedir", str(org_home), "--with-colons", "--list-keys"],
+                         capture_output=True, text=True).stdout
+    fpr = next(line.split(":")[9] for line in fpr.splitlines() if line.startswith("fpr"))
+    assert subprocess.run([*base, "--quick-add-key", fpr, "cv25519", "encr", "1y"],
+                          capture_output=True).returncode == 0
+    secret = short_tmp / "protected.asc"
+    secret.write_bytes(subprocess.run([*base, "--armor", "--export-secret-keys", fpr],
+                                      capture_output=True).stdout)
+    assert b"PRIVATE KEY BLOCK" in secret.read_bytes()
+
+    code, out, err = instance.run("keys", "import-own", str(secret))
+    assert code != 0 and "Traceback" not in err
+    assert f"the secret key {fpr} is protected by a passphrase" in err
+    assert f"gpg --passwd {fpr}" in err  # what to do
+    assert instance.run("keys", "list", "--json")[1] == before
+    hub_keys = subprocess.run(["gpg", "--homedir", str(instance.root / "keys" / "gnupg"),
+                               "--with-colons", "--list-secret-keys"], capture_output=True,
+                              text=True).stdout
+    assert fpr not in hub_keys
+
+    # the same key without its passphrase goes in (the hint's 'gpg --passwd', answered in batch)
+    unlocked = subprocess.run(["gpg", "--homedir", str(org_home), "--batch", "--pinentry-mode",
+                               "loopback", "--command-fd", "0", "--passwd", fpr],
+                              input=b"correct horse\n\n\n", capture_output=True)
+    assert unlocked.returncode == 0, unlocked.stderr
+    secret.write_bytes(subprocess.run(["gpg", "--homedir", str(org_home), "--batch",
+                                       "--pinentry-mode", "loopback", "--passphrase", "",
+                                       "--armor", "--export-secret-keys", fpr],
+                                      capture_output=True).stdout)
+    code, out, err = instance.run("keys", "import-own", str(secret))
+    assert code == 0, err
+    assert fpr in {r["fingerprint"] for r in json.loads(instance.run("keys", "list", "--json")[1])}

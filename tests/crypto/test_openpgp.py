@@ -166,6 +166,20 @@ def test_import_secret_is_for_own_keys(home: str, other: str) -> None:
     assert [k.fingerprint for k in kr.list_keys(secret=True)] == [own.fingerprint]
 
 
+def test_a_key_that_needs_a_passphrase_is_refused_as_an_own_key(home: str) -> None:
+    """The hub signs unattended: a protected own key would fail every signature."""
+    from tests.crypto.pgp_fixtures import CORPUS_PGP
+
+    protected = (CORPUS_PGP / "keys" / "rt-recipient-at-example.com.secret.key").read_bytes()
+    kr = Keyring(Path(home))
+    with pytest.raises(KeyImportError, match="is protected by a passphrase") as refused:
+        kr.import_secret(protected)
+    assert "gpg --passwd" in (refused.value.hint or "")
+    assert kr.list_keys(secret=True) == []
+    # a caller that gives gpg the passphrase on every use may still import it
+    assert [k.secret for k in kr.import_secret(protected, unattended=False)] == [True]
+
+
 def test_delete_and_failures_raise(home: str, other: str) -> None:
     kr = Keyring(Path(home))
     [pub] = kr.import_public(export(other, "good@partner.example"))

@@ -44,7 +44,9 @@ def _home(with_signer: bool, *, cache: bool = True) -> Iterator[str]:
         with open(kr.home / "gpg-agent.conf", "a") as conf:
             conf.write("s2k-count 65536\n" + ("" if cache else "default-cache-ttl 0\n"
                                                 "max-cache-ttl 0\n"))
-        kr.import_secret((KEYS / "rt-recipient-at-example.com.secret.key").read_bytes())
+        # protected: these tests hand gpg the corpus's passphrase on every use
+        kr.import_secret((KEYS / "rt-recipient-at-example.com.secret.key").read_bytes(),
+                         unattended=False)
         if with_signer:
             kr.import_public((KEYS / "rt-test-at-example.com.public.key").read_bytes())
         yield home
