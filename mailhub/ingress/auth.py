@@ -47,7 +47,10 @@ def verify_password(password: str, stored: str) -> bool:
 
 @dataclass
 class FailureThrottle:
-    """Counts AUTH failures per client address and says how long to wait before replying."""
+    """Counts AUTH failures per client address and says how long to wait before replying.
+
+    The counts live in this process (``_get``/``_put``/``_drop``); ``SharedFailureThrottle``
+    keeps them where every submission process sees them."""
 
     free_failures: int = 3
     base_delay: float = 1.0
@@ -57,9 +60,9 @@ class FailureThrottle:
 
     def delay_for(self, client: str, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        count, last = self._failures.get(client, (0, now))
+        count, last = self._get(client) or (0, now)
         if now - last > self.forget_after:
-            self._failures.pop(client, None)
+            self._drop(client)
             return 0.0
         over = count - self.free_failures
         if over < 0:
@@ -68,14 +71,23 @@ class FailureThrottle:
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        count, last = self._failures.get(client, (0, now))
+        count, last = self._get(client) or (0, now)
         if now - last > self.forget_after:
             count = 0
-        self._failures[client] = (count + 1, now)
+        self._put(client, count + 1, now)
+
+    def succeeded(self, client: str) -> None:
+        self._drop(client)
+
+    def _get(self, client: str) -> tuple[int, float] | None:
+        return self._failures.get(client)
+
+    def _put(self, client: str, count: int, last: float) -> None:
+        self._failures[client] = (count, last)
         if len(self._failures) > 10000:  # bound memory under a spray of addresses
             oldest = sorted(self._failures.items(), key=lambda kv: kv[1][1])[:5000]
             for key, _ in oldest:
                 self._failures.pop(key, None)
 
-    def succeeded(self, client: str) -> None:
+    def _drop(self, client: str) -> None:
         self._failures.pop(client, None)

@@ -24,6 +24,7 @@ from mailhub.app import Hub
 from mailhub.errors import MailhubError
 from mailhub.ingress.auth import FailureThrottle, verify_password
 from mailhub.ingress.handlers import SubmissionHandler
+from mailhub.ingress.shared_throttle import FailureTable, SharedFailureThrottle
 from mailhub.ingress.smtp_server import HubSMTP, make_authenticator, server_tls_context
 
 log = logging.getLogger("mailhub.smtp")
@@ -56,8 +57,8 @@ class SubmissionProcesses:
     The parent opens the listening socket and hands it to every child; a child answers 250 only
     after the spool fsync, as in one process, then sends the spool id back over a pipe. A child
     exits when the parent's end of its pipe closes (a crash of the parent included): spooled
-    files are found at the next start. A child that dies is replaced. The AUTH failure throttle
-    counts per child. Spool ids come back in batches: ``("spooled", [(listener, spool_id)...])``.
+    files are found at the next start. A child that dies is replaced. AUTH failures are counted
+    in a table all children share (``shared_throttle.py``). Spool ids come back in batches: ``("spooled", [(listener, spool_id)...])``.
     """
 
     def __init__(self, hub: Hub, count: int) -> None:
@@ -66,6 +67,8 @@ class SubmissionProcesses:
         self.sock: socket.socket | None = None
         self.children: dict[int, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
         self._stopping = False
+        # AUTH failures counted once for all children (a client's connections land anywhere)
+        self.failures = FailureTable.create(multiprocessing.get_context("spawn"))
 
     async def start(self, on_spooled: Callable[[str, str], None]) -> None:
         listen = self.hub.config.submission.listen
@@ -78,7 +81,8 @@ class SubmissionProcesses:
     def _spawn(self) -> asyncio.Future[None]:
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_submission_child, args=(self.hub.config, self.sock, theirs),
+        proc = ctx.Process(target=_submission_child,
+                           args=(self.hub.config, self.sock, theirs, self.failures),
                            name="mailhub-submission", daemon=True)
         proc.start()
         theirs.close()
@@ -126,11 +130,13 @@ class SubmissionProcesses:
             self.sock.close()
 
 
-def _submission_child(config: Any, sock: socket.socket, conn: Connection) -> None:
-    """A submission process's main (spawned: nothing is inherited but the socket and pipe)."""
+def _submission_child(config: Any, sock: socket.socket, conn: Connection,
+                      failures: FailureTable) -> None:
+    """A submission process's main (spawned: nothing is inherited but the socket, the pipe
+    and the shared AUTH failure table)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     child_logging(config.log_level)
-    asyncio.run(_serve_submission(Hub(config), sock, conn))
+    asyncio.run(_serve_submission(Hub(config), sock, conn, failures))
 
 
 def child_logging(level: str) -> None:
@@ -138,7 +144,8 @@ def child_logging(level: str) -> None:
     logging_setup.configure(level)
 
 
-async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection) -> None:
+async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection,
+                            failures: FailureTable) -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="mailhub-io"))
     done = asyncio.Event()
@@ -168,7 +175,8 @@ async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection) -> 
         pending.append((listener, spool_id))
 
     cfg = hub.config
-    throttle = FailureThrottle(free_failures=cfg.submission.auth_failures_before_delay)
+    throttle = SharedFailureThrottle(free_failures=cfg.submission.auth_failures_before_delay,
+                                     table=failures)
     tls = server_tls_context(str(hub.keys.tls_cert), str(hub.keys.tls_key))
     authenticator = make_authenticator(lambda login, pw: check_user(hub, login, pw), throttle)
     handler = SubmissionHandler(domain=cfg.hub.domain, spool=hub.spool, on_spooled=on_spooled)

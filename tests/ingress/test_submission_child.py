@@ -7,12 +7,14 @@ pipe (in batches); each id reported is the one its 250 reply named.
 from __future__ import annotations
 
 import asyncio
+import base64
 import smtplib
 import ssl
 from email.message import EmailMessage
 
 from mailhub.app import Hub
 from mailhub.config import load_config
+from mailhub.ingress.shared_throttle import SharedFailureThrottle
 from mailhub.ingress.submission_procs import SubmissionProcesses
 from tests.conftest import Instance
 from tests.deliver.test_relay_e2e import COORD, PASSWORD, add_user
@@ -68,3 +70,37 @@ def test_child_spools_and_reports_every_id(instance: Instance) -> None:
     queued = asyncio.run(main())
     assert len(set(queued)) == 3
     assert reported == [("submission", spool_id) for spool_id in queued]
+
+
+def _wrong_password(port: int) -> int:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        s.starttls(context=ctx)
+        s.ehlo()
+        bad = base64.b64encode(f"\0{COORD}\0wrong".encode()).decode()
+        return s.docmd("AUTH", f"PLAIN {bad}")[0]
+
+
+def test_auth_failures_are_counted_once_for_all_children(instance: Instance) -> None:
+    """A client's connections land on any of the children: its failures add up in the table
+    they share, so three children give a guesser no more tries than one."""
+    add_user(instance)
+    hub = Hub(load_config(instance.config))
+
+    async def main() -> SubmissionProcesses:
+        procs = SubmissionProcesses(hub, 3)
+        await procs.start(lambda listener, spool_id: None)
+        try:
+            for _ in range(3):  # each on a connection of its own
+                assert await asyncio.to_thread(_wrong_password, instance.submission_port) == 535
+        finally:
+            await asyncio.to_thread(procs.stop)
+        return procs
+
+    procs = asyncio.run(main())
+    seen = SharedFailureThrottle(free_failures=hub.config.submission.auth_failures_before_delay,
+                                 table=procs.failures)
+    assert seen._get("127.0.0.1") is not None  # noqa: SLF001
+    assert seen._get("127.0.0.1")[0] == 3  # noqa: SLF001

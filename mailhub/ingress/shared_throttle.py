@@ -1,0 +1,82 @@
+"""The AUTH failure throttle shared by every submission process.
+
+The submission port is served by several processes on one listening socket, and the kernel
+hands each new connection to whichever of them accepts first. With a count per process, a
+client guessing passwords got as many free failures, and as short delays, as there were
+processes. Here the counts live in shared memory that the parent creates and every child maps:
+a fixed table of slots chosen by a hash of the client address (so memory is bounded under a
+spray of addresses: a new address takes over its slot), guarded by one lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from mailhub.ingress.auth import FailureThrottle
+
+SLOTS = 4096
+
+
+@dataclass(frozen=True)
+class FailureTable:
+    """Shared arrays: per slot the address's hash (0: empty), its failure count, the last one."""
+
+    keys: Any  # RawArray('q')
+    counts: Any  # RawArray('q')
+    lasts: Any  # RawArray('d'), time.monotonic() (one clock for every process on the host)
+    lock: Any
+
+    @classmethod
+    def create(cls, ctx: BaseContext, slots: int = SLOTS) -> FailureTable:
+        return cls(ctx.RawArray("q", slots), ctx.RawArray("q", slots), ctx.RawArray("d", slots),
+                   ctx.Lock())
+
+
+def _key(client: str) -> int:
+    key = int.from_bytes(hashlib.blake2b(client.encode("utf-8", "replace"), digest_size=8)
+                         .digest(), "little", signed=True)
+    return key or 1  # 0 marks an empty slot
+
+
+@dataclass
+class SharedFailureThrottle(FailureThrottle):
+    """``FailureThrottle`` whose counts are in a ``FailureTable`` (same rule, shared counts)."""
+
+    table: FailureTable | None = field(default=None, kw_only=True)
+
+    def _slot(self, client: str) -> tuple[FailureTable, int, int]:
+        assert self.table is not None
+        key = _key(client)
+        return self.table, key, key % len(self.table.keys)
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        """As ``FailureThrottle.failed``, read and written under the lock: two processes
+        counting a failure of one client at once both count."""
+        now = time.monotonic() if now is None else now
+        table, key, slot = self._slot(client)
+        with table.lock:
+            fresh = table.keys[slot] == key and now - table.lasts[slot] <= self.forget_after
+            count = int(table.counts[slot]) if fresh else 0
+            table.keys[slot], table.counts[slot], table.lasts[slot] = key, count + 1, now
+
+    def _get(self, client: str) -> tuple[int, float] | None:
+        table, key, slot = self._slot(client)
+        with table.lock:
+            if table.keys[slot] != key:
+                return None
+            return int(table.counts[slot]), float(table.lasts[slot])
+
+    def _put(self, client: str, count: int, last: float) -> None:
+        table, key, slot = self._slot(client)
+        with table.lock:
+            table.keys[slot], table.counts[slot], table.lasts[slot] = key, count, last
+
+    def _drop(self, client: str) -> None:
+        table, key, slot = self._slot(client)
+        with table.lock:
+            if table.keys[slot] == key:
+                table.keys[slot], table.counts[slot], table.lasts[slot] = 0, 0, 0.0
