@@ -238,6 +238,49 @@ class CaseFolders:
             raise CaseFolderError(f"cannot prepare IMAP folder {folder!r}: {exc}") from exc
         self._known.add(folder)
 
+    # -- merged cases --------------------------------------------------------------------------
+    def listed(self) -> dict[str, str]:
+        """Case id -> folder, for every case folder the server lists under the prefix (the id
+        is the leaf's first word, as ``case_folder_name`` writes it)."""
+        sample = self.folder_for("X", "")
+        sep = self.separator
+        parent, joint = (sample.rsplit(sep, 1)[0], sep) if sep and sep in sample else (
+            sample[:-2], " ")
+        try:
+            found = self.client.list_folders("", f"{parent}{joint}%")
+        except IMAPClientError as exc:
+            _reraise_abort(exc)
+            raise CaseFolderError(f"cannot list IMAP folders under {parent!r}: {exc}") from exc
+        out: dict[str, str] = {}
+        for _flags, _sep, name in found:
+            name = _as_str(name) or ""
+            leaf = name[len(parent) + len(joint):]
+            if name.startswith(parent + joint) and leaf:
+                out.setdefault(leaf.split(" ", 1)[0], name)
+        return out
+
+    def move_all(self, source: str, target: str) -> int:
+        """Move every message of ``source`` into ``target`` (flags and dates kept), then delete
+        ``source`` once it is empty; how many moved. Without MOVE: COPY, then delete."""
+        try:
+            self.client.select_folder(source)
+            uids = self.client.search("ALL")
+            if uids and self.client.has_capability("MOVE"):
+                self.client.move(uids, target)
+            elif uids:
+                self.client.copy(uids, target)
+                self.client.delete_messages(uids)
+                self.client.expunge()
+            self.client.close_folder()  # nothing is left flagged \\Deleted to expunge
+            if not self.client.folder_status(source, [b"MESSAGES"]).get(b"MESSAGES"):
+                self.client.unsubscribe_folder(source)
+                self.client.delete_folder(source)
+                self._known.discard(source)
+        except IMAPClientError as exc:
+            _reraise_abort(exc)
+            raise CaseFolderError(f"cannot move {source!r} into {target!r}: {exc}") from exc
+        return len(uids)
+
     # -- filing --------------------------------------------------------------------------------
     def append(
         self,

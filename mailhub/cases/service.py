@@ -336,6 +336,20 @@ def resolve_merged(session: Session, case_id: str) -> str:
     return current
 
 
+def merged_targets(session: Session, case_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Of ``case_ids``, those merged into another case: the case their mail lives in now and
+    that case's patient name (for its IMAP folder)."""
+    from mailhub.cases.filing import case_patient
+
+    merged = session.execute(select(Case.id).where(  # type: ignore[call-overload]
+        Case.id.in_(case_ids), Case.merged_into.is_not(None))).scalars().all()  # type: ignore[attr-defined,union-attr]
+    out = {}
+    for case_id in merged:
+        into = resolve_merged(session, case_id)
+        out[case_id] = (into, case_patient(session, into).name)
+    return out
+
+
 def merge_cases(session: Session, hub: Any, source_id: str, into_id: str, *,
                 actor: str) -> dict[str, Any]:
     """``cases merge SOURCE INTO``: messages and participants move; SOURCE closes, merged."""

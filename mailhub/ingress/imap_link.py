@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlmodel import Session
 
+from mailhub.cases.folder_merge import MergeFollower
 from mailhub.crypto.inbound import open_message
 from mailhub.ingress.imap_session import ImapSettings, file_copy
 from mailhub.ingress.imap_watcher import FiledResult, ImapWatcher
@@ -31,8 +32,16 @@ class ImapLink:
         self.flow = flow
         self.gate = gate
         self.settings = ImapSettings.from_config(hub.config.imap)
-        self.watcher = ImapWatcher(self.settings, self.ingest)
+        self.watcher = ImapWatcher(self.settings, self.ingest,
+                                   follow_merges=MergeFollower(self.merged))
         self._copies = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imap-copy")
+
+    def merged(self, case_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Which of these cases were merged, and where their mail lives now (watcher thread)."""
+        from mailhub.cases.service import merged_targets
+
+        with Session(self.hub.engine) as session:
+            return merged_targets(session, case_ids)
 
     def ingest(self, raw: bytes, origin: str) -> FiledResult:
         """Open, thread and store one message from a watched folder (watcher thread)."""

@@ -28,6 +28,7 @@ from urllib.parse import quote
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
+from mailhub.cases.folder_merge import MergeFollower
 from mailhub.cases.imap_folders import CaseFolders, copy_flags
 from mailhub.errors import MailhubError
 from mailhub.ingress.imap_session import (
@@ -128,9 +129,11 @@ class ImapWatcher:
         ingest: IngestFn,
         *,
         clock: Callable[[], float] = time.monotonic,
+        follow_merges: MergeFollower | None = None,
     ) -> None:
         self.settings = settings
         self._ingest = ingest
+        self.follow_merges = follow_merges  # merged cases' folders move after them
         self._memo = RetryMemo(settings.retry_failed_initial, settings.retry_failed_max, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -253,6 +256,8 @@ class ImapWatcher:
             if self._stop.is_set():
                 return
             self._pass_folder(client, folders, folder)
+        if self.follow_merges is not None:
+            self.follow_merges.maybe_run(folders)
         self.stats.passes += 1
 
     def _pass_folder(self, client: IMAPClient, folders: CaseFolders, folder: str) -> None:

@@ -11,7 +11,13 @@ from sqlalchemy import select
 from mailhub.app import Hub
 from mailhub.cases.export import list_cases, show_case
 from mailhub.cases.filing import file_inbound
-from mailhub.cases.service import CaseInputError, merge_cases, open_case, set_fields
+from mailhub.cases.service import (
+    CaseInputError,
+    merge_cases,
+    merged_targets,
+    open_case,
+    set_fields,
+)
 from mailhub.cases.store import (
     file_message,
     identify,
@@ -327,3 +333,17 @@ def test_coordinator_may_be_a_name_or_an_address(hub: Hub) -> None:
         roles = dict(s.execute(select(Participant.address, Participant.role)
                                .where(Participant.case_id == named)).all())
     assert roles["Lena@medvoyage.example"] == "coordinator"
+
+
+def test_merged_targets_follow_chains_of_merges_and_name_the_patient(hub: Hub) -> None:
+    a = _open(hub, email="ana@one.example")
+    b = _open(hub, email="bea@two.example", patient_name="Bea Costa")
+    c = _open(hub, email="cid@three.example", patient_name="Cid Lopes")
+    with session(hub) as s:
+        merge_cases(s, hub, a, b, actor=ACTOR)
+        merge_cases(s, hub, b, c, actor=ACTOR)
+        s.commit()
+    with session(hub) as s:
+        assert merged_targets(s, [a, b, c, "MT-1999-0001"]) == {
+            a: (c, "Cid Lopes"), b: (c, "Cid Lopes")}
+        assert merged_targets(s, [c]) == {}

@@ -1,0 +1,66 @@
+"""A merged case's IMAP folder follows it: its messages move into the surviving case's folder.
+
+``mailhub cases merge`` changes the database only (it needs no IMAP connection and must not
+fail half-way on one). The serving process's IMAP watcher then looks, at most once a
+``interval``, at the case folders the server lists, asks the store which of those cases were
+merged (and into which case, following chains of merges), and moves their messages over with
+flags and dates kept; the emptied folder is deleted. Nothing is lost on a crash in between:
+whatever is still in the old folder is moved at the next look.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from mailhub.cases.imap_folders import CaseFolderError, CaseFolders
+
+log = logging.getLogger("mailhub.imap")
+
+# case ids -> {merged case id: (the case it now lives in, that case's patient name)}
+MergedLookup = Callable[[list[str]], dict[str, tuple[str, str]]]
+
+
+def move_merged_folders(folders: CaseFolders, merged: MergedLookup) -> int:
+    """One look: move the folders of merged cases; how many messages moved."""
+    listed = folders.listed()
+    if not listed:
+        return 0
+    moved = 0
+    for case_id, (into, patient_name) in merged(sorted(listed)).items():
+        source = listed.get(case_id)
+        if source is None:
+            continue
+        target = folders.ensure(into, patient_name)
+        if target == source:
+            continue
+        n = folders.move_all(source, target)
+        moved += n
+        log.info("case %s was merged into %s: moved %d message(s) from IMAP folder %r to %r",
+                 case_id, into, n, source, target)
+    return moved
+
+
+class MergeFollower:
+    """``move_merged_folders`` at most once per ``interval`` seconds (called on every pass of
+    the IMAP watcher, which may wake many times a minute); a failure waits for the next look."""
+
+    def __init__(self, merged: MergedLookup, interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.merged = merged
+        self.interval = interval
+        self.clock = clock
+        self._next = 0.0
+
+    def maybe_run(self, folders: CaseFolders) -> int:
+        now = self.clock()
+        if now < self._next:
+            return 0
+        self._next = now + self.interval
+        try:
+            return move_merged_folders(folders, self.merged)
+        except CaseFolderError as exc:  # the server refused: watching goes on, tried again later
+            log.warning("moving merged cases' IMAP folders failed: %s (tried again in %.0f s)",
+                        exc, self.interval)
+            return 0
