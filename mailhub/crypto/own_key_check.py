@@ -63,4 +63,3 @@ def locked_keys(data: bytes, fingerprints: list[tuple[str, bool]]) -> list[str]:
     finally:
         kill_agent(str(home))  # the throwaway keyring's gpg-agent goes with it
         shutil.rmtree(home, ignore_errors=True)
-
