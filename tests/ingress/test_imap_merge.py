@@ -3,6 +3,8 @@ surviving case's folder with their flags, the old folder goes, and nothing moves
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from mailhub.cases.folder_merge import MergeFollower
@@ -39,12 +41,21 @@ def _exists(dovecot: Dovecot, folder: str) -> bool:
         c.logout()
 
 
-@pytest.mark.parametrize("server", ["dovecot", "dovecot_slash"])
+@pytest.fixture
+def dovecot_without_move() -> Iterator[Dovecot]:
+    """A server that does not offer MOVE (RFC 6851): the folder moves by COPY, then delete."""
+    with Dovecot(capability="IMAP4rev1 LITERAL+ NAMESPACE UIDPLUS IDLE") as server:
+        yield server
+
+
+@pytest.mark.parametrize("server", ["dovecot", "dovecot_slash", "dovecot_without_move"])
 def test_a_merged_cases_folder_moves_into_the_surviving_one(server: str,
                                                             request: pytest.FixtureRequest,
                                                             memory_hub: MemoryHub) -> None:
-    dovecot: Dovecot = request.getfixturevalue(server)  # "." and "/" hierarchies
+    dovecot: Dovecot = request.getfixturevalue(server)  # "." and "/" hierarchies, no MOVE
     sep = dovecot.separator
+    with client_for(dovecot) as c:
+        assert c.has_capability("MOVE") == (server != "dovecot_without_move")
     a = make_message(SOURCE, "Jan Novak", "a")
     b = make_message(SOURCE, "Jan Novak", "b")
     c = make_message(OTHER, "Ayşe Yılmaz", "c")
