@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 SCRYPT_N = 2**14
@@ -60,10 +61,11 @@ class FailureThrottle:
 
     def delay_for(self, client: str, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        count, last = self._get(client) or (0, now)
-        if now - last > self.forget_after:
-            self._drop(client)
-            return 0.0
+        with self._locked():
+            count, last = self._get(client) or (0, now)
+            if now - last > self.forget_after:
+                self._drop(client)
+                return 0.0
         over = count - self.free_failures
         if over < 0:
             return 0.0
@@ -71,13 +73,19 @@ class FailureThrottle:
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        count, last = self._get(client) or (0, now)
-        if now - last > self.forget_after:
-            count = 0
-        self._put(client, count + 1, now)
+        with self._locked():  # read and written together: concurrent failures all count
+            count, last = self._get(client) or (0, now)
+            if now - last > self.forget_after:
+                count = 0
+            self._put(client, count + 1, now)
 
     def succeeded(self, client: str) -> None:
-        self._drop(client)
+        with self._locked():
+            self._drop(client)
+
+    # storage: called with ``_locked()`` held
+    def _locked(self) -> AbstractContextManager[object]:
+        return nullcontext()
 
     def _get(self, client: str) -> tuple[int, float] | None:
         return self._failures.get(client)

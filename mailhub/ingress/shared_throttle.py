@@ -5,13 +5,14 @@ hands each new connection to whichever of them accepts first. With a count per p
 client guessing passwords got as many free failures, and as short delays, as there were
 processes. Here the counts live in shared memory that the parent creates and every child maps:
 a fixed table of slots chosen by a hash of the client address (so memory is bounded under a
-spray of addresses: a new address takes over its slot), guarded by one lock.
+spray of addresses: a new address takes over its slot), guarded by one lock that
+``FailureThrottle`` holds around each read-and-write.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -53,30 +54,21 @@ class SharedFailureThrottle(FailureThrottle):
         key = _key(client)
         return self.table, key, key % len(self.table.keys)
 
-    def failed(self, client: str, now: float | None = None) -> None:
-        """As ``FailureThrottle.failed``, read and written under the lock: two processes
-        counting a failure of one client at once both count."""
-        now = time.monotonic() if now is None else now
-        table, key, slot = self._slot(client)
-        with table.lock:
-            fresh = table.keys[slot] == key and now - table.lasts[slot] <= self.forget_after
-            count = int(table.counts[slot]) if fresh else 0
-            table.keys[slot], table.counts[slot], table.lasts[slot] = key, count + 1, now
+    def _locked(self) -> AbstractContextManager[object]:
+        assert self.table is not None
+        return self.table.lock  # type: ignore[no-any-return]
 
     def _get(self, client: str) -> tuple[int, float] | None:
         table, key, slot = self._slot(client)
-        with table.lock:
-            if table.keys[slot] != key:
-                return None
-            return int(table.counts[slot]), float(table.lasts[slot])
+        if table.keys[slot] != key:
+            return None
+        return int(table.counts[slot]), float(table.lasts[slot])
 
     def _put(self, client: str, count: int, last: float) -> None:
         table, key, slot = self._slot(client)
-        with table.lock:
-            table.keys[slot], table.counts[slot], table.lasts[slot] = key, count, last
+        table.keys[slot], table.counts[slot], table.lasts[slot] = key, count, last
 
     def _drop(self, client: str) -> None:
         table, key, slot = self._slot(client)
-        with table.lock:
-            if table.keys[slot] == key:
-                table.keys[slot], table.counts[slot], table.lasts[slot] = 0, 0, 0.0
+        if table.keys[slot] == key:
+            table.keys[slot], table.counts[slot], table.lasts[slot] = 0, 0, 0.0
