@@ -53,6 +53,10 @@ class DecryptionFailed(CryptoError):
     smtp_status = "5.7.5"
 
 
+class WorkerLost(CryptoError):
+    """A crypto worker process died while it held the job (its replacement takes the next)."""
+
+
 class KeyImportError(MailhubError):
     """A key or certificate was refused at import (private key, expired, revoked, no address)."""
 

@@ -8,16 +8,12 @@ message, protects it and returns the bytes to send.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any
 
+from mailhub.crypto.worker_pool import WorkerPool
 from mailhub.errors import CryptoError
 
 
@@ -82,34 +78,20 @@ def _outcome(kind: str, value: bytes | str) -> Outcome:
     return RuntimeError(str(value))
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose hub was killed (kill -9 leaves no time to stop the pool) exits too."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 class CryptoEngine:
     """A process pool for protect jobs; ``workers=0`` runs inline (tests, one-shot commands)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            self._pool = ProcessPoolExecutor(max_workers=workers,
-                                             mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_exit_with_parent,
-                                             initargs=(os.getpid(),))
+        self._pool = WorkerPool(workers) if workers > 0 else None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        if self._pool is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     async def protect(self, raw: bytes, job: ProtectJob) -> bytes:
-        if self._pool is None:
-            return await asyncio.to_thread(protect_bytes, raw, job)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, protect_bytes, raw, job)
+        return await self._run(protect_bytes, raw, job)  # type: ignore[no-any-return]
 
     async def protect_many(self, items: list[tuple[bytes, ProtectJob]]) -> list[Outcome]:
         """Protect a batch: split into one chunk per worker, so a batch of messages costs a
@@ -121,9 +103,7 @@ class CryptoEngine:
         if self._pool is None:
             done = [await asyncio.to_thread(protect_chunk, c) for c in chunks]
         else:
-            loop = asyncio.get_running_loop()
-            done = await asyncio.gather(*(loop.run_in_executor(self._pool, protect_chunk, c)
-                                          for c in chunks))
+            done = await asyncio.gather(*(self._run(protect_chunk, c) for c in chunks))
         out: list[Outcome] = [b""] * len(items)
         for i, chunk_out in enumerate(done):
             for j, (kind, value) in enumerate(chunk_out):
@@ -132,9 +112,7 @@ class CryptoEngine:
 
     async def call(self, fn: Any, *args: Any) -> Any:
         """Run any picklable crypto function (e.g. opening inbound mail) in the pool."""
-        if self._pool is None:
-            return await asyncio.to_thread(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self._run(fn, *args)
 
     def protect_sync(self, raw: bytes, job: ProtectJob) -> bytes:
         if self._pool is None:
@@ -143,5 +121,5 @@ class CryptoEngine:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None

@@ -37,7 +37,7 @@ class TimedOut(Exception):
     """The process ran past its time and was killed."""
 
 
-def _grow(fd: int) -> int:
+def grow_pipe(fd: int) -> int:
     """Make a pipe as large as allowed (1 MiB, or the system's limit); returns its size."""
     try:
         return int(fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE))
@@ -93,9 +93,9 @@ def run(cmd: list[str], data: bytes, *, timeout: float, pass_fds: tuple[int, ...
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     fds = _Fds(stdin=in_w, stdout=out_r, stderr=err_r)
-    out_room, err_room = _grow(out_w), _grow(err_w)
+    out_room, err_room = grow_pipe(out_w), grow_pipe(err_w)
     if data:
-        _grow(in_w)
+        grow_pipe(in_w)
     try:
         proc = subprocess.Popen(cmd, stdin=in_r, stdout=out_w, stderr=err_w, pass_fds=pass_fds)
     except BaseException:

@@ -55,3 +55,27 @@ def test_protect_many_keeps_order_and_isolates_failures(tmp_path: Path, workers:
 
 def test_protect_many_of_nothing() -> None:
     assert asyncio.run(CryptoEngine(0).protect_many([])) == []
+
+
+def test_the_engine_keeps_protecting_after_its_worker_is_killed() -> None:
+    """A worker lost to the OOM killer must not leave the hub unable to encrypt (the process
+    pool it replaced stayed broken until a restart, so every later message was held)."""
+    import os
+    import signal
+
+    from tests.crypto.process_watch import gone, wait_until
+
+    hub_key, hub_cert = generate_smime_identity(HUB, "Hub")
+    _, clinic_cert = generate_smime_identity(CLINIC, "Clinic B")
+    job = ProtectJob("smime", signer_key_pem=hub_key, signer_cert_pem=hub_cert,
+                     recipient_cert_pems=(clinic_cert, hub_cert))
+    engine = CryptoEngine(1)
+    try:
+        pid = asyncio.run(engine.call(os.getpid))
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: gone(pid), "the worker to die")
+        outcomes = asyncio.run(engine.protect_many([(message(n), job) for n in range(3)]))
+        assert asyncio.run(engine.call(os.getpid)) not in (pid, os.getpid())
+    finally:
+        engine.close()
+    assert all(isinstance(o, bytes) and b"application/pkcs7-mime" in o for o in outcomes)
