@@ -133,7 +133,7 @@ def _encrypt_parts(raw: bytes, gnupghome: str, recipients: list[str], signer: st
     ctype = next((f for name, f in fields if name == "content-type"), None)
     inner.insert(0, _with_protected_param(ctype) if ctype else
                  b'Content-Type: text/plain; charset="us-ascii"; protected-headers="v1"\r\n')
-    armored = sign_encrypt(gnupghome, b"".join(inner) + b"\r\n" + body, recipients, signer,
+    armored = sign_encrypt(gnupghome, b"".join((*inner, b"\r\n", body)), recipients, signer,
                            passphrase=passphrase)
     out = [f for name, f in fields if name in OUTER_KEEP]
     out.append(f"Subject: {ENCRYPTED_SUBJECT}\r\nMIME-Version: 1.0\r\n".encode())
@@ -159,10 +159,11 @@ def encrypt_bytes(raw: bytes, *, gnupghome: str, recipients: list[str], signer: 
     head, armored = _encrypt_parts(raw, gnupghome, recipients, signer, autocrypt_header,
                                    passphrase)
     b = _boundary().encode()
-    return (head + b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";'
-            b'\r\n boundary="' + b + b'"\r\n\r\n' + ENCRYPTED_PREAMBLE.encode() + b"\r\n"
-            b"--" + b + b"\r\n" + _VERSION_PART + b"\r\n--" + b + b"\r\n" + _BODY_HEAD
-            + armored + b"\r\n--" + b + b"--\r\n")
+    # one join: each ``+`` after the 270 KB armor would copy it into a fresh allocation
+    return b"".join((head, b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";'
+                     b'\r\n boundary="', b, b'"\r\n\r\n', ENCRYPTED_PREAMBLE.encode(), b"\r\n--",
+                     b, b"\r\n", _VERSION_PART, b"\r\n--", b, b"\r\n", _BODY_HEAD, armored,
+                     b"\r\n--", b, b"--\r\n"))
 
 
 def encrypt_message(msg: Message, *, gnupghome: str, recipients: list[str], signer: str,
