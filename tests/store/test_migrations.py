@@ -86,3 +86,29 @@ def test_the_write_ahead_log_shrinks_back_after_a_burst(tmp_path: Path) -> None:
         assert wal.stat().st_size <= WAL_SIZE_LIMIT < burst
     finally:
         engine.dispose()
+
+
+def test_a_new_database_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    # a 270 KB queue payload is 17 pages of 16 KiB instead of 68 of 4 KiB
+    import sqlite3
+
+    from sqlalchemy import text
+
+    from mailhub.store.db import PAGE_SIZE
+
+    def page_size(path: Path) -> int:
+        engine = make_engine(f"sqlite:///{path}")
+        try:
+            migrate(engine)
+            with engine.connect() as conn:
+                return int(conn.execute(text("PRAGMA page_size")).scalar_one())
+        finally:
+            engine.dispose()
+
+    assert PAGE_SIZE == 16384 and page_size(tmp_path / "new.sqlite") == PAGE_SIZE
+    old = tmp_path / "old.sqlite"  # made by an earlier release: 4 KiB pages, already WAL
+    with sqlite3.connect(old) as conn:
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE keep (id INTEGER PRIMARY KEY)")
+    assert page_size(old) == 4096  # opened, migrated and used as it is
