@@ -137,11 +137,14 @@ async def _session(host: str, port: int, items: list[Item], result: LoadResult, 
 
 
 async def run_load(host: str, port: int, items: list[Item], *, sessions: int, sender: str,
-                   login: tuple[str, str] | None, tls: bool) -> LoadResult:
+                   login: tuple[str, str] | None, tls: bool,
+                   on_start: Callable[[], None] | None = None) -> LoadResult:
     """Send every item over ``sessions`` concurrent sessions (each reused for many messages).
 
     The clock starts once every session has done its STARTTLS and AUTH (a steady state: the
-    set-up of a session is not what is compared)."""
+    set-up of a session is not what is compared), and so does the client's CPU count;
+    ``on_start`` is called then, for the caller to start counting the server's. (Eight scrypt
+    checks cost the server about 0.8 s: 1.3 ms a message in a 600-message run.)"""
     result = LoadResult()
     todo = list(reversed(items))
     go = asyncio.Event()
@@ -150,15 +153,18 @@ async def run_load(host: str, port: int, items: list[Item], *, sessions: int, se
     async def ready() -> None:
         waiting[0] -= 1
         if waiting[0] == 0:
+            if on_start is not None:
+                on_start()
+            cpu0[0] = time.process_time()
             result.started = time.perf_counter()
             go.set()
         await go.wait()
 
-    cpu0 = time.process_time()
+    cpu0 = [time.process_time()]
     outcomes = await asyncio.gather(*(_session(host, port, todo, result, sender=sender,
                                                login=login, tls=tls, ready=ready)
                                       for _ in range(sessions)), return_exceptions=True)
-    result.client_cpu = time.process_time() - cpu0
+    result.client_cpu = time.process_time() - cpu0[0]
     result.errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
     return result
 
