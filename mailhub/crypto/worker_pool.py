@@ -32,6 +32,7 @@ from typing import Any
 
 from mailhub.crypto.gpg_process import grow_pipe
 from mailhub.errors import WorkerLost
+from mailhub.heap_reuse import keep_freed_memory
 
 log = logging.getLogger("mailhub.crypto")
 
@@ -80,6 +81,7 @@ def _dumps_outcome(outcome: tuple[str, Any]) -> bytes:
 def worker_main(jobs: Connection, results: Connection) -> None:
     """A worker's loop: a job frame in, its outcome frame out, until the job pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the hub decides
+    keep_freed_memory()
     rx, tx = jobs.fileno(), results.fileno()
     while (frame := read_frame(rx)) is not None:
         try:

@@ -120,3 +120,10 @@ def test_workers_exit_when_the_hub_is_killed() -> None:
 def test_a_pool_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one"):
         WorkerPool(0)
+
+
+def test_workers_reuse_freed_buffers(pool: WorkerPool) -> None:
+    from tests.test_heap_reuse import ROUNDS, churn_faults
+
+    pool.submit(churn_faults).result(timeout=60)  # the first round may grow the heap
+    assert pool.submit(churn_faults).result(timeout=60) < ROUNDS

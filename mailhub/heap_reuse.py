@@ -1,0 +1,41 @@
+"""Keep freed heap memory for reuse in a process that handles large buffers one after another.
+
+A crypto worker allocates and frees buffers of a few hundred KiB for every message (the job,
+the message, gpg's output, the MIME it writes, the result frame). glibc serves allocations
+above its mmap threshold with fresh mappings, and trims the heap's top once twice that
+threshold is free, so nearly every such buffer was faulted in page by page and handed back to
+the kernel when freed: 300 page faults for one 200 KiB S/MIME message. With the threshold at
+1 MiB and up to 32 MiB of free heap kept, the same memory is reused (no page faults): the
+worker's CPU for that message fell from 2.2 to 1.5 ms, for the PGP/MIME writing around gpg
+from 0.42 to 0.10 ms.
+
+Applied where it was measured to help: the crypto workers (single-threaded). gpg is not
+affected (the settings are this process's, not the environment's).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+log = logging.getLogger("mailhub.crypto")
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # larger blocks (big attachments) are still mapped on their own
+TRIM_THRESHOLD = 32 << 20  # at most this much freed memory stays with the process
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's allocator for this process; False where there is no glibc ``mallopt``."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not done:
+        log.debug("mallopt refused the heap settings; the allocator keeps its defaults")
+    return done
