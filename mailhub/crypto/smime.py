@@ -143,14 +143,14 @@ def _field(name: str, value: str) -> Field:
     return name.lower(), f"{name}: {value}".encode("ascii") + CRLF
 
 
-def _b64_body(pem: bytes) -> bytes:
+def _b64_body(pem: bytes) -> memoryview:
     """A PEM block's base64 lines (64 characters, as RFC 2045 allows) with CRLF line ends.
 
     cryptography writes PEM in Rust: for a 200 KiB message that is 0.45 ms less than DER
     wrapped into lines by Python (whose per-line slicing cost as much as the encryption)."""
-    start = pem.index(b"\n") + 1  # after -----BEGIN PKCS7-----
-    end = pem.rindex(b"-----END")
-    return pem[start:end].replace(b"\n", CRLF)
+    lines = pem.replace(b"\n", CRLF)  # one copy; the view below is joined into the entity
+    start = lines.index(b"\n") + 1  # after -----BEGIN PKCS7-----
+    return memoryview(lines)[start:lines.rindex(b"-----END")]
 
 
 def _with_protected_param(content_fields: list[Field]) -> list[Field]:
@@ -169,7 +169,21 @@ def _with_protected_param(content_fields: list[Field]) -> list[Field]:
 
 
 def _needs_encoding(data: bytes) -> bool:
-    return not data.isascii() or max(map(len, data.split(b"\n"))) > _MAX_LINE + 1
+    return not data.isascii() or not lines_within(data, _MAX_LINE + 1)
+
+
+def lines_within(data: bytes, limit: int) -> bool:
+    """True when no line (up to a LF) of ``data`` is longer than ``limit`` bytes.
+
+    Splitting a 200 KB body into its 2,700 lines to measure them cost 0.15 ms. A line longer
+    than ``limit`` holds a whole aligned block of ``(limit + 2) // 2`` bytes, so if every such
+    block has a LF, no line is too long; only a block without one needs the exact count."""
+    step = (limit + 2) // 2
+    find = data.find
+    for pos in range(0, len(data) - step + 1, step):
+        if find(b"\n", pos, pos + step) < 0:
+            return max(map(len, data.split(b"\n"))) <= limit
+    return True
 
 
 def _seven_bit(raw: bytes) -> bytes:
@@ -239,8 +253,10 @@ def _sign_entity(
     ])
 
 
-def _envelope(plaintext: bytes, recipients: Sequence[x509.Certificate]) -> bytes:
-    """application/pkcs7-mime enveloped-data entity (AES-256-CBC, RSA key transport)."""
+def _envelope(plaintext: bytes, recipients: Sequence[x509.Certificate],
+              ) -> list[bytes | memoryview]:
+    """application/pkcs7-mime enveloped-data entity (AES-256-CBC, RSA key transport), in
+    pieces for the caller's one join (each ``+`` copied the 370 KB into a fresh buffer)."""
     if not recipients:
         raise CryptoError("no S/MIME recipient certificate to encrypt to")
     builder = pkcs7.PKCS7EnvelopeBuilder().set_data(plaintext)
@@ -254,12 +270,12 @@ def _envelope(plaintext: bytes, recipients: Sequence[x509.Certificate]) -> bytes
             f"S/MIME encryption failed: {exc}",
             hint="every recipient needs an RSA S/MIME certificate",
         ) from exc
-    return (
+    return [
         b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n name="smime.p7m"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
         b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
-        b"Content-Description: S/MIME Encrypted Message\r\n\r\n" + _b64_body(pem)
-    )
+        b"Content-Description: S/MIME Encrypted Message\r\n\r\n", _b64_body(pem),
+    ]
 
 
 def _entity_and_outer(raw: bytes) -> tuple[bytes, list[Field]]:
@@ -283,7 +299,7 @@ def _sign_encrypt(
     outer.append(_field("Subject", protected_subject))
     outer.append(_field("MIME-Version", "1.0"))
     log.debug("S/MIME signed and encrypted to %d certificate(s)", len(recipients))
-    return b"".join(raw_f for _, raw_f in outer) + enveloped
+    return b"".join([*(raw_f for _, raw_f in outer), *enveloped])
 
 
 def _sign_only(
