@@ -49,6 +49,7 @@ def protect_bytes(raw: bytes, job: ProtectJob) -> bytes:
 
 
 Outcome = bytes | BaseException
+CHUNK_BYTES = 1 << 20  # messages in one worker call, at most about this many bytes
 
 
 def protect_chunk(items: list[tuple[bytes, ProtectJob]]) -> list[tuple[str, bytes | str]]:
@@ -67,6 +68,13 @@ def protect_chunk(items: list[tuple[bytes, ProtectJob]]) -> list[tuple[str, byte
         except Exception as exc:  # noqa: BLE001 - reported to the caller, never lost
             out.append(("internal", repr(exc)))
     return out
+
+
+def chunk_count(sizes: list[int], workers: int, limit: int = CHUNK_BYTES) -> int:
+    """How many worker calls a batch of messages of ``sizes`` bytes is split into: one per
+    worker at least, and about ``limit`` bytes of messages in each at most (32 messages of
+    200 KiB in two calls made result frames of 4 MB: fresh memory for every batch)."""
+    return max(1, min(len(sizes), max(workers, -(-sum(sizes) // limit))))
 
 
 def _outcome(kind: str, value: bytes | str) -> Outcome:
@@ -94,11 +102,12 @@ class CryptoEngine:
         return await self._run(protect_bytes, raw, job)  # type: ignore[no-any-return]
 
     async def protect_many(self, items: list[tuple[bytes, ProtectJob]]) -> list[Outcome]:
-        """Protect a batch: split into one chunk per worker, so a batch of messages costs a
-        pipe round trip per worker instead of one per message. Outcomes in input order."""
+        """Protect a batch: split into one chunk per worker (more for large messages), so a
+        batch costs a pipe round trip per chunk instead of one per message. Outcomes in input
+        order."""
         if not items:
             return []
-        n = max(1, min(self.workers, len(items)))
+        n = chunk_count([len(raw) for raw, _ in items], self.workers)
         chunks = [items[i::n] for i in range(n)]  # round robin: similar sizes side by side
         if self._pool is None:
             done = [await asyncio.to_thread(protect_chunk, c) for c in chunks]

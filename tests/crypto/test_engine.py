@@ -9,28 +9,39 @@ from pathlib import Path
 import pytest
 
 from mailhub.crypto.certs import generate_smime_identity
-from mailhub.crypto.engine import CryptoEngine, ProtectJob
+from mailhub.crypto.engine import CryptoEngine, ProtectJob, chunk_count
 from mailhub.errors import CryptoError
 
 HUB = "hub@medvoyage.example"
 CLINIC = "records@clinic-b.example"
 
 
-def message(n: int) -> bytes:
+def message(n: int, size: int = 0) -> bytes:
+    filler = "lab values and dates for the transfer\r\n" * (size // 39)
     return (f"From: Coordinator <coord@medvoyage.example>\r\nTo: <{CLINIC}>\r\n"
             f"Subject: batch {n}\r\nMessage-ID: <batch-{n}@medvoyage.example>\r\n"
-            f"Content-Type: text/plain\r\n\r\nMARKER-{n} dates for the transfer\r\n").encode()
+            f"Content-Type: text/plain\r\n\r\nMARKER-{n} dates for the transfer\r\n"
+            f"{filler}").encode()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_protect_many_keeps_order_and_isolates_failures(tmp_path: Path, workers: int) -> None:
+def test_chunks_one_per_worker_and_about_a_mebibyte_at_most() -> None:
+    assert chunk_count([4096] * 32, 2) == 2
+    assert chunk_count([200 * 1024] * 32, 2) == 7  # 6.25 MiB
+    assert chunk_count([200 * 1024], 2) == 1
+    assert chunk_count([5 << 20, 100], 2) == 2  # never more chunks than messages
+    assert chunk_count([100], 0) == 1  # inline
+
+
+@pytest.mark.parametrize(("workers", "size"), [(0, 0), (2, 0), (2, 300 * 1024)])
+def test_protect_many_keeps_order_and_isolates_failures(tmp_path: Path, workers: int,
+                                                        size: int) -> None:
     hub_key, hub_cert = generate_smime_identity(HUB, "Hub")
     clinic_key, clinic_cert = generate_smime_identity(CLINIC, "Clinic B")
     good = ProtectJob("smime", signer_key_pem=hub_key, signer_cert_pem=hub_cert,
                       recipient_cert_pems=(clinic_cert, hub_cert))
     bad = ProtectJob("smime", signer_key_pem=hub_key, signer_cert_pem=hub_cert,
                      recipient_cert_pems=(b"not a certificate",))
-    items = [(message(n), bad if n == 3 else good) for n in range(7)]
+    items = [(message(n, size), bad if n == 3 else good) for n in range(7)]  # 300 KiB: 3 chunks
     engine = CryptoEngine(workers)
     try:
         outcomes = asyncio.run(engine.protect_many(items))
