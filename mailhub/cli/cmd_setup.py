@@ -88,8 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     from mailhub import logging_setup
+    from mailhub.heap_reuse import keep_freed_memory
 
     logging_setup.configure(config.log_level if not args.debug else "DEBUG", debug=args.debug)
+    keep_freed_memory()  # 200 KiB messages, their ciphertexts and payloads come and go
     hub = Hub(config)
 
     async def run() -> None:
