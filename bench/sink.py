@@ -30,7 +30,9 @@ class Session:
         self.sock: socket.socket = sock
         self.counter = counter
         self.tls = tls
-        self.buf = bytearray()
+        self.buf = bytearray()  # commands not yet answered
+        self.chunk = bytearray(1 << 18)  # what recv_into fills: no fresh buffer a call
+        self.view = memoryview(self.chunk)
         self.out: list[bytes] = []
 
     def _send(self) -> None:
@@ -40,11 +42,14 @@ class Session:
 
     def _fill(self) -> None:
         """More bytes from the client; what we owe it goes first (it may be waiting for it)."""
+        self.buf += self.view[: self._recv()]
+
+    def _recv(self) -> int:
         self._send()
-        data = self.sock.recv(1 << 18)
-        if not data:
+        n = self.sock.recv_into(self.chunk)
+        if not n:
             raise EOFError
-        self.buf += data
+        return n
 
     def _line(self) -> bytes:
         while True:
@@ -56,18 +61,30 @@ class Session:
             self._fill()
 
     def _body(self) -> None:
-        """Skip the message up to its lone dot (an empty message is the dot alone)."""
-        start = 0
+        """Skip the message up to its lone dot (an empty message is the dot alone).
+
+        The body is searched where it arrives and never copied: only the last four bytes are
+        kept, which may begin the end marker. What follows the end (pipelined commands) is
+        kept for ``_line``."""
+        seen = b"\r\n" + bytes(self.buf)  # the DATA line's CRLF: a lone dot first ends it
+        end = seen.find(END)
+        if end >= 0:
+            del self.buf[: end + len(END) - 2]
+            return
+        tail = seen[-(len(END) - 1):]
+        self.buf.clear()
         while True:
-            if self.buf[:3] == b".\r\n":
-                del self.buf[:3]
+            n = self._recv()
+            joint = tail + bytes(self.view[: min(n, len(END) - 1)])
+            end = joint.find(END)
+            if end >= 0:  # the marker spans the previous read and this one
+                self.buf += self.view[end + len(END) - len(tail): n]
                 return
-            end = self.buf.find(END, start)
+            end = self.chunk.find(END, 0, n)
             if end >= 0:
-                del self.buf[: end + len(END)]
+                self.buf += self.view[end + len(END): n]
                 return
-            start = max(0, len(self.buf) - len(END) + 1)
-            self._fill()
+            tail = (tail + bytes(self.view[max(0, n - len(END) + 1): n]))[-(len(END) - 1):]
 
     def run(self) -> None:
         self.out.append(b"220 sink ESMTP\r\n")
