@@ -203,11 +203,15 @@ class WorkerPool:
             driver.join(timeout + 10)
 
     def _worker(self, slot: int) -> _Worker:
+        """The slot's worker, started if need be (only the slot's own driver starts it, and
+        outside the lock: spawning takes a tenth of a second, which ``submit`` must not wait)."""
         with self._lock:
             worker = self._workers.get(slot)
-            if worker is None:
-                worker = self._workers[slot] = _Worker(self._ctx)
-            return worker
+        if worker is None:
+            worker = _Worker(self._ctx)
+            with self._lock:
+                self._workers[slot] = worker
+        return worker
 
     def _lost(self, slot: int, worker: _Worker) -> str:
         with self._lock:
