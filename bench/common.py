@@ -101,7 +101,7 @@ def make_recipient_pgp(tmp: Path, address: str) -> Path:
 
 
 def make_recipient_smime(tmp: Path, address: str) -> Path:
-    from mailhub.crypto.certs import generate_smime_identity
+    from mailhub.crypto.selfsigned import generate_smime_identity
 
     _key, cert = generate_smime_identity(address, "Bench Clinic")
     path = tmp / f"{address}.crt"

@@ -11,14 +11,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mailhub.crypto.certs import (
-    Identity,
-    generate_smime_identity,
-    generate_tls_identity,
-    load_identity,
-    write_secret,
-)
+from mailhub.crypto.certs import Identity, load_identity, write_secret
 from mailhub.crypto.openpgp import KeyInfo, Keyring
+from mailhub.crypto.selfsigned import generate_smime_identity, generate_tls_identity
 from mailhub.errors import ConfigError
 
 log = logging.getLogger("mailhub.crypto")

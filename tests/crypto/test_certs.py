@@ -19,13 +19,12 @@ from mailhub.crypto.certs import (
     SecretExists,
     cert_info,
     check_partner_cert,
-    generate_smime_identity,
-    generate_tls_identity,
     load_certs,
     load_identity,
     load_identity_file,
     write_secret,
 )
+from mailhub.crypto.selfsigned import generate_smime_identity, generate_tls_identity
 from mailhub.errors import KeyImportError
 
 CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "conformance" / "rt-crypt" / "smime"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailhub.crypto.certs import generate_smime_identity
 from mailhub.crypto.engine import CryptoEngine, ProtectJob, chunk_count
+from mailhub.crypto.selfsigned import generate_smime_identity
 from mailhub.errors import CryptoError
 
 HUB = "hub@medvoyage.example"

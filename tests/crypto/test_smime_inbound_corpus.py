@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from mailhub.crypto.certs import (
-    Identity,
-    generate_smime_identity,
-    load_certs,
-    load_identity,
-    load_identity_file,
-)
+from mailhub.crypto.certs import Identity, load_certs, load_identity, load_identity_file
+from mailhub.crypto.selfsigned import generate_smime_identity
 from mailhub.crypto.smime_inbound import unwrap, unwrap_pems
 from mailhub.errors import DecryptionFailed
 

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from mailhub.crypto.certs import Identity, generate_smime_identity, load_identity
+from mailhub.crypto.certs import Identity, load_identity
+from mailhub.crypto.selfsigned import generate_smime_identity
 from mailhub.crypto.smime_inbound import Unwrapped, unwrap
 from mailhub.errors import DecryptionFailed
 

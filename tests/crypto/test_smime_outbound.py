@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mailhub.crypto.certs import Identity, generate_smime_identity, load_certs, load_identity
+from mailhub.crypto.certs import Identity, load_certs, load_identity
+from mailhub.crypto.selfsigned import generate_smime_identity
 from mailhub.crypto.smime import (
     sign_encrypt,
     sign_encrypt_bytes,

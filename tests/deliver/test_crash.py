@@ -221,7 +221,7 @@ class Burst:
 
 @pytest.fixture
 def smarthost(short_tmp: Path) -> Iterator[tuple[SlowSink, int]]:
-    from mailhub.crypto.certs import generate_tls_identity
+    from mailhub.crypto.selfsigned import generate_tls_identity
 
     key, cert = generate_tls_identity(["localhost"])
     (short_tmp / "sink.key").write_bytes(key)
