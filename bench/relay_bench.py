@@ -253,6 +253,10 @@ def main() -> None:
         pf = postfix_case(size, 20000 if size == "4KiB" else 4000, args.sessions)
         if pf:
             keep(pf)
+        else:
+            print(f"  postfix smtp-source->smtp-sink {size:>7}: skipped, Postfix's smtp-sink and "
+                  "smtp-source are not installed (MAILHUB_BENCH=1 ./scripts/setup.sh installs "
+                  "them)", flush=True)
     if args.keep:
         print(f"instance kept in {root}")
     else:
