@@ -90,8 +90,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mailhub import logging_setup
     from mailhub.heap_reuse import keep_freed_memory
 
+    # before any thread starts: 200 KiB messages, ciphertexts and payloads come and go, and
+    # each passes between threads (one arena: freed blocks are reused by all of them)
+    keep_freed_memory(one_arena=True)
     logging_setup.configure(config.log_level if not args.debug else "DEBUG", debug=args.debug)
-    keep_freed_memory()  # 200 KiB messages, their ciphertexts and payloads come and go
     hub = Hub(config)
 
     async def run() -> None:
