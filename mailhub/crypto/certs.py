@@ -67,8 +67,7 @@ class Identity:
 
     def key_pem(self) -> bytes:
         """Unencrypted PKCS#8 PEM, for handing the identity to a worker process."""
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+        return private_key_pem(self.key)
 
     def cert_pem(self) -> bytes:
         """The certificate followed by its chain, PEM."""
@@ -80,6 +79,13 @@ class Identity:
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def private_key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    """Unencrypted PKCS#8 PEM (written 0600 by ``write_secret``, or piped to a worker)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def fingerprint(cert: x509.Certificate) -> str:

@@ -15,25 +15,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+from mailhub.crypto.certs import private_key_pem
 
 
 def _new_rsa() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def _self_signed(
     key: rsa.RSAPrivateKey, name: x509.Name, days: int, exts: list[tuple[x509.ExtensionType, bool]]
 ) -> x509.Certificate:
-    now = _utcnow()
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -72,7 +64,7 @@ def generate_smime_identity(address: str, common_name: str, days: int = 1095) ->
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     san = x509.SubjectAlternativeName([x509.RFC822Name(address)])
     cert = _self_signed(key, name, days, _leaf_exts(ExtendedKeyUsageOID.EMAIL_PROTECTION, san))
-    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+    return private_key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
 
 def generate_tls_identity(hostnames: list[str]) -> tuple[bytes, bytes]:
@@ -90,4 +82,4 @@ def generate_tls_identity(hostnames: list[str]) -> tuple[bytes, bytes]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     san = x509.SubjectAlternativeName(names)
     cert = _self_signed(key, name, 825, _leaf_exts(ExtendedKeyUsageOID.SERVER_AUTH, san))
-    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+    return private_key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
