@@ -57,6 +57,16 @@ class Hub:
         return AtRest.load(path)
 
     @cached_property
+    def payload_files(self):  # type: ignore[no-untyped-def]
+        """Large queue payloads' segment files with SQLite; None with PostgreSQL, where every
+        payload stays in its row for whichever instance sends it."""
+        from mailhub.deliver.payload_files import PayloadFiles
+
+        if not self.config.hub.db_url.startswith("sqlite"):
+            return None
+        return PayloadFiles(self.config.hub.data_dir / "payloads")
+
+    @cached_property
     def spool(self):  # type: ignore[no-untyped-def]
         from mailhub.spool.spool import Spool
 

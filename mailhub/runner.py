@@ -174,12 +174,14 @@ class Server:
         # one writer thread for the hot path: messages share commits (each one is an fsync)
         self.commits = queue.GroupCommit(hub.engine)
         self.delivery = DeliveryWorker(hub.engine, hub.sealer, cfg.delivery, helo=cfg.hub.domain,
-                                       on_failed=self._on_failed, commits=self.commits)
+                                       on_failed=self._on_failed, commits=self.commits,
+                                       files=hub.payload_files)
         self.writer.fresh = self.delivery.fresh  # queued payloads reach the senders in memory
+        self.writer.files = hub.payload_files  # large payloads outside SQLite's WAL
         self.pipeline = OutboundPipeline(hub, self.crypto, on_queued=self.delivery.wake,
                                          writer=self.writer)
         self.pipeline.commits = self.commits
-        self.sweeper = PayloadSweeper(cfg.delivery.keep_sent_payloads)
+        self.sweeper = PayloadSweeper(cfg.delivery.keep_sent_payloads, files=hub.payload_files)
         self.processors: dict[str, Processor] = {"submission": self.pipeline.process}
         self.extra_tasks: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self.inbound_gate = None
@@ -260,6 +262,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.delivery.close)
         await asyncio.to_thread(self.commits.close)
+        if self.hub.payload_files is not None:
+            self.hub.payload_files.close()
         self.crypto.close()
 
     async def serve_forever(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, bindparam, insert, or_, update
 from sqlalchemy.engine import Engine
@@ -30,7 +30,7 @@ from sqlmodel import Session, select
 from mailhub.deliver.fresh import AFTER_COMMIT
 from mailhub.errors import NotFound, StoreError
 from mailhub.store import audit
-from mailhub.store.models import OutboundItem, Payload, utcnow
+from mailhub.store.models import OutboundItem, utcnow
 
 log = logging.getLogger("mailhub.queue")
 T = TypeVar("T")
@@ -55,43 +55,10 @@ class Claimed:
     method: str = ""
 
 
-class Sealer(Protocol):
-    def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes: ...
-
-
-_SEAL_PAYLOAD = (update(Payload.__table__)  # type: ignore[attr-defined]
-                 .where(Payload.__table__.c.id == bindparam("pid"))  # type: ignore[attr-defined]
-                 .values(sealed=bindparam("blob")))
 _T = OutboundItem.__table__  # type: ignore[attr-defined]
-_P = Payload.__table__  # type: ignore[attr-defined]
-_SEALED = select(_P.c.id, _P.c.sealed).where(_P.c.id.in_(bindparam("ids", expanding=True)))
-
-
-# Multi-row INSERT ... RETURNING: asked to return ids in parameter order, SQLAlchemy falls
-# back to one statement per row on SQLite (no sentinel column to sort by), a database call and
-# a GIL hand-off each. Unsorted, all rows go in one statement; the ids are matched up instead.
-_INSERT_PAYLOADS = insert(_P).returning(_P.c.id)
 _INSERT_ITEMS = insert(_T).returning(_T.c.id, _T.c.source_id, _T.c.recipient)
 _EXISTING_MANY = (select(_T.c.source_id, _T.c.recipient)
                   .where(_T.c.source_id.in_(bindparam("sids", expanding=True))))
-
-
-def insert_payloads(session: Session, datas: list[bytes], sealer: Sealer) -> list[int]:
-    """Store each of ``datas`` sealed, with its row id as associated data (a payload cannot be
-    swapped for another row's): one INSERT for the ids, one UPDATE for the sealed bytes."""
-    if not datas:
-        return []
-    now = utcnow()
-    # the new rows are alike (empty) until sealed below: any id may go with any data
-    result = session.execute(_INSERT_PAYLOADS, [{"sealed": b"", "created_at": now}] * len(datas))
-    pids = sorted(int(pid) for pid in result.scalars())
-    session.execute(_SEAL_PAYLOAD, [{"pid": pid, "blob": sealer.seal(data, str(pid).encode())}
-                                    for pid, data in zip(pids, datas, strict=True)])
-    return pids
-
-
-def insert_payload(session: Session, data: bytes, sealer: Sealer) -> int:
-    return insert_payloads(session, [data], sealer)[0]
 
 
 def item_row(**values: Any) -> dict[str, Any]:
@@ -124,14 +91,6 @@ def existing_for_sources(session: Session, source_ids: Iterable[str]) -> set[tup
     if not wanted:
         return set()
     return {(sid, rcpt) for sid, rcpt in session.execute(_EXISTING_MANY, {"sids": wanted})}
-
-
-def add_payload(session: Session, sealed: bytes) -> int:
-    payload = Payload(sealed=sealed)
-    session.add(payload)
-    session.flush()
-    assert payload.id is not None
-    return payload.id
 
 
 class GroupCommit:
@@ -249,20 +208,6 @@ def claim_due_in(session: Session, limit: int, now: datetime | None = None,
     return [Claimed(r.id, r.source_id, r.message_id, r.sender, r.recipient, r.relay, r.kind,
                     r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0, r.method)
             for r in rows]
-
-
-def sealed_payloads_in(session: Session, ids: Iterable[int]) -> dict[int, bytes]:
-    """Payload id -> sealed bytes (plain rows, no ORM objects: read for every delivery)."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    rows = session.connection().execute(_SEALED, {"ids": wanted})
-    return {int(pid): sealed for pid, sealed in rows}
-
-
-def load_payloads(engine: Engine, ids: Iterable[int]) -> dict[int, bytes]:
-    with Session(engine) as session:
-        return sealed_payloads_in(session, ids)
 
 
 _AUDIT_FACTS = select(_T.c.id, _T.c.message_id, _T.c.case_id, _T.c.recipient, _T.c.relay,

@@ -9,6 +9,11 @@ message; the sweep instead takes the oldest finished rows that still hold a payl
 chunk at a time, through a partial index (``ix_outbound_unswept``) that holds only such rows:
 a swept row leaves it, so the sweep keeps no position, a restart does not walk the history again,
 and a row that ended with an earlier timestamp than others already swept is still found.
+
+With SQLite, large payloads lie in segment files (``payload_files``): after the chunks, a
+segment no row names any more is deleted, once that state has committed. A segment still named
+``COMPACT_GRACE`` after every finished message in it should have been swept (a row retried
+for days keeps it) has its remaining payloads moved into their rows, and then goes too.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, delete, exists, select, update
 from sqlmodel import Session
 
+from mailhub.deliver import payload_files
+from mailhub.deliver.fresh import AFTER_COMMIT
+from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.deliver.queue import GroupCommit
 from mailhub.store.models import OutboundItem, Payload, utcnow
 
 log = logging.getLogger("mailhub.queue")
 
 FINISHED = ("sent", "failed")
+COMPACT_GRACE = 3600  # seconds past keep_sent_payloads before a still-named segment is compacted
 _T = OutboundItem.__table__  # type: ignore[attr-defined]
 _P = Payload.__table__  # type: ignore[attr-defined]
 
@@ -84,10 +93,13 @@ class PayloadSweeper:
     instances on one database may sweep at once: a row is unhooked once, a payload deleted
     once no row names it)."""
 
-    def __init__(self, keep_seconds: int, *, limit: int = 500) -> None:
+    def __init__(self, keep_seconds: int, *, limit: int = 500,
+                 files: PayloadFiles | None = None) -> None:
         self.keep_seconds = keep_seconds
         self.limit = limit
+        self.files = files
         self.deleted = 0
+        self.segments_removed = 0
 
     async def sweep(self, commits: GroupCommit, now: datetime | None = None) -> int:
         """Every finished row old enough, chunk by chunk through the database writer (each
@@ -102,7 +114,35 @@ class PayloadSweeper:
                 if chunk.rows < self.limit:
                     break
         self.deleted += deleted
+        if self.files is not None:
+            await self.release_segments(commits, now)
         return deleted
+
+    async def release_segments(self, commits: GroupCommit, now: datetime | None = None) -> int:
+        """Delete the segment files no row names, after compacting old ones still named."""
+        files = self.files
+        assert files is not None
+        old = cutoff(now or utcnow(), self.keep_seconds + COMPACT_GRACE)
+        old_us = int(old.timestamp() * 1_000_000)
+
+        def step(session: Session) -> tuple[int, int]:
+            moved = payload_files.compact(session, files, old_us, self.limit)
+            if moved:
+                log.info("moved %d payload(s) out of segment files older than %s", moved, old)
+            dead = payload_files.dead_segments(session, files)
+            hooks = session.info.setdefault(AFTER_COMMIT, [])
+            # only once the rows that named them are gone for good
+            hooks.append(lambda: [files.remove(seg) for seg in dead])
+            return moved, len(dead)
+
+        total = 0
+        while True:  # more steps only while compaction has more to move
+            moved, removed = await commits.run(step)
+            total += removed
+            if moved < self.limit:
+                break
+        self.segments_removed += total
+        return total
 
     async def run(self, commits: GroupCommit, stop: asyncio.Event, interval: float = 60) -> None:
         """Sweep at start and then every ``interval`` seconds until ``stop``."""

@@ -33,6 +33,8 @@ from sqlmodel import Session
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
 from mailhub.deliver.fresh import FreshPayloads, Opened, WirePayload, take_claimed
+from mailhub.deliver.payload_files import PayloadFiles
+from mailhub.deliver.payloads import sealed_payloads_in
 from mailhub.deliver.retry import backoff_delay, next_step
 from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
 from mailhub.spool.spool import Sealer
@@ -57,8 +59,10 @@ class DeliveryWorker:
     def __init__(self, engine: Engine, sealer: Sealer, cfg: DeliveryConfig, *,
                  helo: str = "mailhub", on_failed: OnFailed | None = None,
                  on_sent: OnSent | None = None, batch: int = 64,
-                 commits: queue.GroupCommit | None = None) -> None:
+                 commits: queue.GroupCommit | None = None,
+                 files: PayloadFiles | None = None) -> None:
         self.engine = engine
+        self.files = files  # where large payloads lie (SQLite), to read those not in memory
         self.commits = commits
         self.sealer = sealer
         self.cfg = cfg
@@ -181,8 +185,9 @@ class DeliveryWorker:
         payloads: dict[int, WirePayload] = {}
         payloads.update(take_claimed(session.info, self.fresh,
                                      [(c.id, c.payload_id) for c in claimed]))
-        payloads.update(queue.sealed_payloads_in(
-            session, (c.payload_id for c in claimed if c.payload_id not in payloads)))
+        payloads.update(sealed_payloads_in(
+            session, (c.payload_id for c in claimed if c.payload_id not in payloads),
+            self.files))
         return claimed, payloads
 
     def _claim_alone(self) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:

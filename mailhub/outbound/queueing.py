@@ -15,8 +15,9 @@ from email.policy import SMTP
 
 from sqlmodel import Session
 
-from mailhub.deliver import queue
+from mailhub.deliver import payloads, queue
 from mailhub.deliver.fresh import FreshPayloads, remember
+from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.outbound.notices import failure_dsn, hold_notice
 from mailhub.store import audit
 
@@ -58,6 +59,7 @@ class QueueWriter:
     def __init__(self, hub) -> None:  # type: ignore[no-untyped-def]
         self.hub = hub
         self.fresh: FreshPayloads | None = None  # the delivery worker's, when serving
+        self.files: PayloadFiles | None = None  # large payloads' segment files, when serving
 
     def write(self, session: Session, *, source_id: str, message_id: str, sender: str,
               specs: list[RowSpec], case_id: str | None = None, actor: str = "outbound") -> int:
@@ -85,7 +87,7 @@ class QueueWriter:
                 written[n] += 1
         if not planned:
             return written
-        pids = queue.insert_payloads(session, datas, self.hub.sealer)
+        pids = payloads.insert_payloads(session, datas, self.hub.sealer, self.files)
         row_ids = queue.insert_items(session, [queue.item_row(
             source_id=job.source_id, message_id=job.message_id, sender=job.sender,
             recipient=spec.recipient, status=spec.status, reason=spec.reason,

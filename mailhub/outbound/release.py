@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from mailhub.crypto.engine import CryptoEngine
 from mailhub.crypto.keystore import as_utc
-from mailhub.deliver import queue
+from mailhub.deliver import payloads, queue
 from mailhub.deliver.retention import drop_unreferenced
 from mailhub.deliver.retry import backoff_delay
 from mailhub.errors import MailhubError
@@ -22,7 +22,7 @@ from mailhub.outbound.pipeline import OutboundPipeline, Prepared, visible_recipi
 from mailhub.policy.outbound import RecipientContext, decide_recipient
 from mailhub.policy.trace import trace_to_json
 from mailhub.store import audit
-from mailhub.store.models import OutboundItem, utcnow
+from mailhub.store.models import OutboundItem, Payload, utcnow
 
 log = logging.getLogger("mailhub.queue")
 
@@ -35,8 +35,8 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
             if row.status != "held":
                 raise MailhubError(f"queue entry {item_id} is {row.status}, not held",
                                    hint="only held messages can be released")
-            payloads = queue.load_payloads(hub.engine, [row.payload_id or 0])
-            sealed = payloads.get(row.payload_id or 0)
+            found = payloads.load_payloads(hub.engine, [row.payload_id or 0], hub.payload_files)
+            sealed = found.get(row.payload_id or 0)
             if sealed is None:
                 raise MailhubError(f"queue entry {item_id} has lost its payload")
             return row, hub.sealer.open(sealed, str(row.payload_id).encode())
@@ -73,8 +73,8 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
                              case_id=row.case_id, detail={"queue_id": item_id,
                                                           "reason": current.reason[:300]})
             else:
-                pid = queue.add_payload(session, b"")
-                payload = session.get(queue.Payload, pid)
+                pid = payloads.add_payload(session, b"")
+                payload = session.get(Payload, pid)
                 assert payload is not None
                 payload.sealed = hub.sealer.seal(data, str(pid).encode())
                 held_copy, current.payload_id = current.payload_id, pid

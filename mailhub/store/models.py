@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -91,9 +91,17 @@ class Payload(SQLModel, table=True):
     """A sealed wire message (or the sealed original while held); shared by recipient rows."""
 
     __tablename__ = "payloads"
+    # rows naming a segment file (SQLite, large payloads): the sweep asks which are still named
+    __table_args__ = (Index("ix_payloads_segment", "segment",
+                            sqlite_where=text("segment IS NOT NULL"),
+                            postgresql_where=text("segment IS NOT NULL")),)
     id: int | None = Field(default=None, primary_key=True)
     sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False), repr=False)
     created_at: datetime = Field(default_factory=utcnow)
+    # where the sealed bytes lie when not in ``sealed``: segment number, offset, length
+    segment: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    seg_offset: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    seg_length: int | None = Field(default=None, nullable=True)
 
 
 class Patient(SQLModel, table=True):

@@ -46,6 +46,7 @@ class SlowSink:
 
     got: list[tuple[str, str]] = field(default_factory=list)
     wire: dict[str, bytes] = field(default_factory=dict)
+    kept: dict[tuple[str, str], bytes] = field(default_factory=dict)
     delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,6 +61,7 @@ class SlowSink:
             for rcpt in envelope.rcpt_tos:
                 self.got.append((mid, rcpt))
                 self.wire[rcpt] = envelope.original_content
+                self.kept[(mid, rcpt)] = envelope.original_content
         return "250 2.0.0 kept"
 
     def delivered(self) -> Counter[tuple[str, str]]:
@@ -166,10 +168,10 @@ def recovered_at_last_start(serve: Serve) -> int:
     return int(m.group(1))
 
 
-def message(mid: str, rcpt: str, n: int) -> bytes:
+def message(mid: str, rcpt: str, n: int, lines: int = 40) -> bytes:
     return (f"From: Coordinator <{COORD}>\r\nTo: <{rcpt}>\r\nSubject: crash test {n}\r\n"
             f"Message-ID: {mid}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
-            + f"Pre-op note {n}: fasting from midnight.\r\n" * 40).encode()
+            + f"Pre-op note {n}: fasting from midnight.\r\n" * lines).encode()
 
 
 class Burst:
@@ -177,10 +179,12 @@ class Burst:
     of every message that got a 250. A thread stops at the first connection error."""
 
     def __init__(self, inst: Instance, tag: str, count: int, rcpts: list[str],
-                 threads: int = 6) -> None:
+                 threads: int = 6, lines: int = 40) -> None:
         self.inst = inst
+        self.lines = lines
         self.todo = [(f"<{tag}-{i}@crash.medvoyage.example>", rcpts[i % len(rcpts)], i)
                      for i in range(count)]
+        self.todo_all = [(mid, rcpt) for mid, rcpt, _ in self.todo]
         self.acked: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
@@ -199,7 +203,7 @@ class Burst:
                 s.login(COORD, PASSWORD)
                 while (job := self._next()) is not None:
                     mid, rcpt, n = job
-                    s.sendmail(COORD, [rcpt], message(mid, rcpt, n))  # raises unless 250
+                    s.sendmail(COORD, [rcpt], message(mid, rcpt, n, self.lines))  # raises unless 250
                     with self.lock:
                         self.acked.append((mid, rcpt))
         except (OSError, smtplib.SMTPException):
@@ -343,3 +347,42 @@ def test_kill_9_under_load_loses_nothing_acknowledged(short_tmp: Path,
     assert b"multipart/encrypted" in sink.wire[PGP_RCPT]
     assert b"fasting from midnight" not in sink.wire[PGP_RCPT]
     assert b"fasting from midnight" in sink.wire[PLAIN_RCPT]
+
+
+def test_kill_9_with_large_payloads_in_segment_files(short_tmp: Path,
+                                                     smarthost: tuple[SlowSink, int]) -> None:
+    """Payloads over 32 KiB lie in segment files beside SQLite: killed while many such rows
+    wait for a slow smarthost, the restarted hub sends each one, byte for byte."""
+    sink, port = smarthost
+    inst = prepared_instance(short_tmp, port)
+    serve = Serve(inst)
+    serve.start()
+    sink.delay = 0.3
+    try:
+        burst = Burst(inst, "large", 60, [PLAIN_RCPT, PGP_RCPT], lines=1200)  # ~47 KB each
+
+        def waiting_in_files() -> bool:
+            return len(sql(inst, "SELECT o.id FROM outbound o JOIN payloads p ON "
+                                 "p.id = o.payload_id WHERE o.status = 'queued' "
+                                 "AND p.segment IS NOT NULL")) >= 10
+
+        def slow_off() -> None:
+            sink.delay = 0.0
+
+        crash_and_recover(inst, serve, sink, burst, waiting_in_files, set(),
+                          before_restart=slow_off)
+    finally:
+        serve.stop()
+    assert list((inst.root / "var" / "payloads").glob("*.pay"))
+    plain = [(mid, n) for n, (mid, rcpt) in enumerate(burst.todo_all) if rcpt == PLAIN_RCPT]
+    acked = set(burst.acked)
+    checked = 0
+    for mid, n in plain:
+        if (mid, PLAIN_RCPT) in acked:
+            body = sink.kept[(mid, PLAIN_RCPT)].replace(b"\r\n", b"\n")
+            assert body.count(f"Pre-op note {n}: fasting from midnight.".encode()) == 1200
+            checked += 1
+    assert checked >= 5
+    pgp = [k for k in acked if k[1] == PGP_RCPT]
+    assert pgp and all(b"multipart/encrypted" in sink.kept[k] for k in pgp)
+    assert all(b"fasting from midnight" not in sink.kept[k] for k in pgp)

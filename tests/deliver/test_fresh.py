@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import Session
 
-from mailhub.deliver import queue
+from mailhub.deliver import payloads, queue
 from mailhub.deliver.fresh import FreshPayloads, Opened, remember, take_claimed
 from mailhub.store.models import Payload
 from tests.deliver.smtp_double import SmtpDouble, serve, unstuff
@@ -56,7 +56,7 @@ def test_a_claim_in_the_same_transaction_takes_them_and_the_rest_waits_for_the_c
 
 
 def _queue_row(store: Store, session: Session, data: bytes, n: int) -> tuple[int, int]:
-    pid = queue.insert_payload(session, data, store.sealer)
+    pid = payloads.insert_payload(session, data, store.sealer)
     row = queue.insert_item(session, source_id=f"spool-{n}", message_id=f"<m{n}@pc>",
                             sender=SENDER, recipient=f"r{n}@clinic-a.example", payload_id=pid)
     return row, pid

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailhub.crypto.atrest import AtRest
-from mailhub.deliver import queue
+from mailhub.deliver import payloads, queue
 from mailhub.store.models import OutboundItem
 
 
@@ -41,7 +41,7 @@ def test_each_payload_opens_under_the_id_it_was_given(engine: Engine) -> None:
     sealer = AtRest(os.urandom(32), [])
     datas = [f"message {i}\r\n".encode() * (i + 1) for i in range(25)]
     with Session(engine) as s:
-        pids = queue.insert_payloads(s, datas, sealer)
+        pids = payloads.insert_payloads(s, datas, sealer)
         s.commit()
-    sealed = queue.load_payloads(engine, pids)
+    sealed = payloads.load_payloads(engine, pids)
     assert [sealer.open(sealed[pid], str(pid).encode()) for pid in pids] == datas

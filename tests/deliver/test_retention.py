@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailhub.crypto.atrest import AtRest
-from mailhub.deliver import queue
+from mailhub.deliver import payloads, queue
 from mailhub.deliver.retention import (
     OLDEST_UNSWEPT,
     PayloadSweeper,
@@ -34,7 +34,7 @@ def add(engine: Engine, status: str, ended: datetime, *, payload: int | None = N
         n: int = 0) -> tuple[int, int]:
     """A queue row of ``status`` last changed at ``ended``; (row id, payload id)."""
     with Session(engine) as s:
-        pid = payload or queue.insert_payload(s, f"body {n}".encode(), SEALER)
+        pid = payload or payloads.insert_payload(s, f"body {n}".encode(), SEALER)
         rid = queue.insert_item(s, source_id=f"spool-{n}", recipient=f"r{n}@clinic.example",
                                 status=status, payload_id=pid, updated_at=ended)
         s.commit()
@@ -81,7 +81,7 @@ def test_finished_rows_old_enough_give_up_their_payloads(engine: Engine) -> None
         assert payload_of(engine, row) == pid and pid in left
     # the shared payload still opens for the row that waits for it
     with Session(engine) as s:
-        sealed = queue.sealed_payloads_in(s, [shared_sent[1]])[shared_sent[1]]
+        sealed = payloads.sealed_payloads_in(s, [shared_sent[1]])[shared_sent[1]]
     assert SEALER.open(sealed, str(shared_sent[1]).encode()) == b"body 6"
 
 
@@ -159,7 +159,7 @@ def test_rows_that_end_later_are_found_by_a_later_sweep(engine: Engine) -> None:
 def test_drop_unreferenced_keeps_what_a_row_names(engine: Engine) -> None:
     kept = add(engine, "held", NOW, n=1)
     with Session(engine) as s:
-        loose = queue.insert_payload(s, b"orphan", SEALER)
+        loose = payloads.insert_payload(s, b"orphan", SEALER)
         assert drop_unreferenced(s, [kept[1], loose, 0]) == 1
         s.commit()
     assert payload_ids(engine) == {kept[1]}

@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.crypto.atrest import AtRest
-from mailhub.deliver import queue
+from mailhub.deliver import payloads, queue
 from mailhub.deliver.worker import DeliveryWorker
 from mailhub.store.models import OutboundItem
 from tests.deliver.smtp_double import SmtpDouble
@@ -28,7 +28,7 @@ class Store:
     def enqueue(self, recipient: str, body: bytes, *, payload: bool = True,
                 **values: object) -> int:
         with Session(self.engine) as session:
-            pid = queue.insert_payload(session, body, self.sealer) if payload else None
+            pid = payloads.insert_payload(session, body, self.sealer) if payload else None
             n = len(queue.list_items(self.engine))
             item = queue.insert_item(session, source_id=f"spool-{n}", message_id=f"<m{n}@pc>",
                                      sender=SENDER, recipient=recipient, payload_id=pid,

@@ -19,7 +19,7 @@ def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
         migrate(engine)
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
-        assert schema_revision(engine) == "0003"
+        assert schema_revision(engine) == "0004"
     finally:
         engine.dispose()
 
