@@ -2,7 +2,8 @@
 
 Relays ``--bursts`` bursts of ``--messages`` messages (OpenPGP, ``--size`` bytes, 8 sessions)
 through a real ``mailhub serve`` to the benchmark's sink, waits after each burst for the payload
-sweep (which runs every minute), and prints the database's size and page counts. Run it twice
+sweep (which runs every minute), and prints the database's size and page counts, and the size
+of the payload segment files beside it (large payloads since the tenth pass). Run it twice
 to compare: with ``--keep 0`` (payloads of sent mail deleted at the next sweep) and with the
 default one day (nothing is old enough to go during the run: the size a hub without the sweep
 would reach). Run from the repository root: ``python -m bench.queue_growth``.
@@ -30,8 +31,11 @@ def db_state(db: Path) -> str:
     finally:
         conn.close()
     size = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+    segments = list(db.with_name("payloads").glob("*.pay"))
+    seg_size = sum(p.stat().st_size for p in segments)
     return (f"{sent} sent rows, {payloads} payloads, database + WAL {size / 1e6:.1f} MB "
-            f"({pages} pages, {free} free)")
+            f"({pages} pages, {free} free), payload files {seg_size / 1e6:.1f} MB "
+            f"({len(segments)} segments)")
 
 
 def main() -> None:

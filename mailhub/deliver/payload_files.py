@@ -15,8 +15,9 @@ ever appended to by the process that created it and is never reopened for append
 starts a new one), so a torn tail is never followed by a record a row depends on.
 
 Reclaiming: a closed segment that no payload row names any more is deleted (``dead_segments``
-after the payload sweep has committed); one still named long after its messages should have
-ended (a row retried for days) has those payloads moved into their rows first (``compact``).
+after the payload sweep has committed; the open one is closed once idle for ``IDLE_CLOSE``);
+one still named long after its messages should have ended (a row retried for days) has those
+payloads moved into their rows first (``compact``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mailhub.store.models import Payload
 
 INLINE_MAX = 32 * 1024  # bytes: a payload up to this size stays in its row (no file, no sync)
 SEGMENT_LIMIT = 64 << 20  # bytes appended to a segment before the next one is started
+IDLE_CLOSE = 30.0  # seconds without an append before the sweep closes the open segment
 SUFFIX = ".pay"
 _UNSYNCED = "mailhub.payload_files"  # session.info key: stores appended to in this transaction
 _sync = getattr(os, "fdatasync", os.fsync)
@@ -60,10 +62,11 @@ class PayloadFiles:
     """The segment files of one data folder; appends from any thread, one open segment."""
 
     def __init__(self, folder: Path | str, *, inline_max: int = INLINE_MAX,
-                 limit: int = SEGMENT_LIMIT) -> None:
+                 limit: int = SEGMENT_LIMIT, idle_close: float = IDLE_CLOSE) -> None:
         self.folder = Path(folder)
         self.inline_max = inline_max
         self.limit = limit
+        self.idle_close = idle_close
         self.syncs = 0  # fdatasync calls made (tests check that a commit shares one)
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -71,6 +74,7 @@ class PayloadFiles:
         self._size = 0
         self._dirty = False
         self._lost = False  # a retired segment's last appends could not be synced
+        self._last_append = 0.0
 
     def __repr__(self) -> str:
         return f"PayloadFiles({str(self.folder)!r}, inline_max={self.inline_max})"
@@ -102,6 +106,7 @@ class PayloadFiles:
                 raise _error("write", exc) from exc
             self._size += len(blob)
             self._dirty = True
+            self._last_append = time.monotonic()
             location = Location(self._segment, offset, len(blob))
         pending = session.info.setdefault(_UNSYNCED, set())
         pending.add(self)
@@ -161,6 +166,13 @@ class PayloadFiles:
                 os.unlink(self.path(segment))
             except FileNotFoundError:
                 pass
+
+    def close_if_idle(self) -> None:
+        """Close the open segment after ``idle_close`` seconds without an append, so that a
+        quiet hub does not keep up to ``limit`` bytes of finished mail for ever."""
+        with self._lock:
+            if self._fd is not None and time.monotonic() - self._last_append >= self.idle_close:
+                self._retire()
 
     def close(self) -> None:
         with self._lock:
@@ -231,7 +243,9 @@ def store(session: Session, files: PayloadFiles, sealed: dict[int, bytes]) -> di
 
 
 def dead_segments(session: Session, files: PayloadFiles) -> list[int]:
-    """Closed segments that no payload row names (delete them once this has committed)."""
+    """Closed segments that no payload row names (delete them once this has committed); the
+    open one is closed first when it has been idle."""
+    files.close_if_idle()
     current = files.current
     return [seg for seg in files.segments()
             if seg != current and session.execute(_NAMED, {"seg": seg}).first() is None]

@@ -177,6 +177,17 @@ def test_an_old_segment_a_retried_row_still_names_is_compacted(engine: Engine,
     assert row(engine, recent).segment is not None and opened(engine, files, recent) == BIG
 
 
+def test_a_quiet_hub_lets_go_of_its_open_segment(engine: Engine, tmp_path: Path) -> None:
+    files = PayloadFiles(tmp_path / "idle", inline_max=1024, idle_close=0.0)
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    add(engine, files, BIG, "sent", n=1, ended=long_ago)
+    assert files.current and len(files.segments()) == 1
+    asyncio.run(run_sweep(engine, PayloadSweeper(60, files=files)))
+    assert files.current == 0 and files.segments() == []
+    _, pid = add(engine, files, BIG, n=2)  # the next payload opens a new segment
+    assert len(files.segments()) == 1 and opened(engine, files, pid) == BIG
+
+
 def row_gone(engine: Engine, pid: int) -> bool:
     with Session(engine) as s:
         return s.get(Payload, pid) is None
