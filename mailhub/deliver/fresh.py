@@ -27,6 +27,13 @@ class Opened:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A payload whose file could not be read at the claim: its row is retried later."""
+
+    reason: str
+
+
 class FreshPayloads:
     """A bounded, thread-safe map (row id, payload id) -> the row's stored bytes."""
 
@@ -73,7 +80,8 @@ class FreshPayloads:
             return hit[1]
 
 
-WirePayload = bytes | Opened  # sealed bytes from the database, or the stored bytes themselves
+# sealed bytes from the database, the stored bytes themselves, or why they could not be read
+WirePayload = bytes | Opened | Unreadable
 
 _PENDING = "mailhub.fresh"  # session.info key: this transaction's entries, not committed yet
 AFTER_COMMIT = "mailhub.after_commit"  # session.info key: callables GroupCommit runs after it

@@ -22,14 +22,16 @@ payloads moved into their rows first (``compact``).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import bindparam, event, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from mailhub.crypto.atrest import fsync_dir
 from mailhub.errors import StoreError
@@ -39,7 +41,8 @@ INLINE_MAX = 32 * 1024  # bytes: a payload up to this size stays in its row (no 
 SEGMENT_LIMIT = 64 << 20  # bytes appended to a segment before the next one is started
 IDLE_CLOSE = 30.0  # seconds without an append before the sweep closes the open segment
 SUFFIX = ".pay"
-_UNSYNCED = "mailhub.payload_files"  # session.info key: stores appended to in this transaction
+_APPENDED = "mailhub.payload_files"  # session.info key: {files: segments} of this transaction
+log = logging.getLogger("mailhub.queue")
 _sync = getattr(os, "fdatasync", os.fsync)
 _P = Payload.__table__  # type: ignore[attr-defined]
 
@@ -59,7 +62,12 @@ def _error(action: str, exc: OSError) -> StoreError:
 
 
 class PayloadFiles:
-    """The segment files of one data folder; appends from any thread, one open segment."""
+    """The segment files of one data folder: one open segment, appended to under a lock.
+
+    A segment that a transaction still in progress appended to is *held* until that
+    transaction ends (``release``): the sweep never deletes it, whatever the rows it has
+    committed say, since that transaction's rows may still name it.
+    """
 
     def __init__(self, folder: Path | str, *, inline_max: int = INLINE_MAX,
                  limit: int = SEGMENT_LIMIT, idle_close: float = IDLE_CLOSE) -> None:
@@ -73,7 +81,8 @@ class PayloadFiles:
         self._segment = 0
         self._size = 0
         self._dirty = False
-        self._lost = False  # a retired segment's last appends could not be synced
+        self._lost: set[int] = set()  # segments whose appends could not all be synced
+        self._held: Counter[int] = Counter()  # segment -> transactions in progress that wrote it
         self._last_append = 0.0
 
     def __repr__(self) -> str:
@@ -108,29 +117,44 @@ class PayloadFiles:
             self._dirty = True
             self._last_append = time.monotonic()
             location = Location(self._segment, offset, len(blob))
-        pending = session.info.setdefault(_UNSYNCED, set())
-        pending.add(self)
+            mine = session.info.setdefault(_APPENDED, {}).setdefault(self, set())
+            if location.segment not in mine:
+                mine.add(location.segment)
+                self._held[location.segment] += 1
         return location
 
-    def sync(self) -> None:
-        """Make every append so far durable (before the commit that names them)."""
+    def sync(self, segments: set[int]) -> None:
+        """Make the appends to ``segments`` durable, before the commit that names them."""
         with self._lock:
-            if self._lost:
-                self._lost = False
+            if segments & self._lost:
                 raise StoreError("a queue payload file could not be synced",
                                  hint="check the disk holding the data folder's payloads/")
-            if not self._dirty or self._fd is None:
-                return
+            if not self._dirty or self._fd is None or self._segment not in segments:
+                return  # what is not open any more was synced when it was closed
             try:
                 _sync(self._fd)
             except OSError as exc:
-                self._dirty = False  # this commit fails with it: nothing left to report
+                self._lost.add(self._segment)  # every transaction that wrote it fails
+                self._dirty = False
                 self._retire()
                 raise _error("sync", exc) from exc
             self.syncs += 1
             self._dirty = False
             if self._size >= self.limit:
                 self._retire()
+
+    def release(self, segments: set[int]) -> None:
+        """A transaction that appended to ``segments`` has ended (committed or not)."""
+        with self._lock:
+            self._held.subtract(segments)
+            for seg in segments:
+                if self._held[seg] <= 0:
+                    del self._held[seg]
+
+    def busy(self) -> set[int]:
+        """Segments the sweep must keep whatever the committed rows say."""
+        with self._lock:
+            return set(self._held) | ({self._segment} if self._fd is not None else set())
 
     def read(self, location: Location) -> bytes:
         try:
@@ -158,9 +182,9 @@ class PayloadFiles:
                       if n.endswith(SUFFIX) and n[:-len(SUFFIX)].isdigit())
 
     def remove(self, segment: int) -> None:
-        """Delete a closed segment that no row names (the open one is never deleted)."""
+        """Delete a closed segment that no row names (the open or a held one never is)."""
         with self._lock:
-            if segment == self.current:
+            if segment == self.current or segment in self._held:
                 return
             try:
                 os.unlink(self.path(segment))
@@ -184,20 +208,25 @@ class PayloadFiles:
         # microseconds, and always past every segment on disk: a number is never reused
         segment = max(time.time_ns() // 1000, existing[-1] + 1 if existing else 0,
                       self._segment + 1)
-        fd = os.open(self.path(segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-                     0o600)
-        fsync_dir(self.folder)  # the new name is durable before any row names it
+        path = self.path(segment)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fsync_dir(self.folder)  # the new name is durable before any row names it
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         self._fd, self._segment, self._size, self._dirty = fd, segment, 0, False
 
     def _retire(self) -> None:
-        """Close the open segment; appends not yet synced are synced first (rows of this
-        transaction may name them), and if that fails the next ``sync`` fails its commit."""
+        """Close the open segment; appends not yet synced are synced first (rows of a
+        transaction in progress may name them); if that fails, so do those transactions."""
         if self._fd is not None:
             if self._dirty:
                 try:
                     _sync(self._fd)
                 except OSError:
-                    self._lost = True
+                    self._lost.add(self._segment)
             os.close(self._fd)
             self._fd = None
         self._dirty = False
@@ -206,13 +235,17 @@ class PayloadFiles:
 @event.listens_for(Session, "before_commit")
 def _sync_appended(session: Session) -> None:
     """Every segment appended to in this transaction is fsync'd before the commit."""
-    for files in session.info.pop(_UNSYNCED, ()):
-        files.sync()
+    for files, segments in session.info.get(_APPENDED, {}).items():
+        files.sync(segments)
 
 
-@event.listens_for(Session, "after_rollback")
-def _forget_appended(session: Session) -> None:
-    session.info.pop(_UNSYNCED, None)  # bytes of rolled-back rows are garbage anyway
+@event.listens_for(Session, "after_transaction_end")
+def _release_appended(session: Session, transaction: SessionTransaction) -> None:
+    """The outermost transaction ended: its segments are no longer held (a savepoint's end
+    changes nothing; bytes of rows rolled back are named by nothing)."""
+    if transaction.parent is None:
+        for files, segments in session.info.pop(_APPENDED, {}).items():
+            files.release(segments)
 
 
 _SET_LOCATION = (update(_P).where(_P.c.id == bindparam("pid"))
@@ -246,24 +279,29 @@ def dead_segments(session: Session, files: PayloadFiles) -> list[int]:
     """Closed segments that no payload row names (delete them once this has committed); the
     open one is closed first when it has been idle."""
     files.close_if_idle()
-    current = files.current
+    busy = files.busy()
     return [seg for seg in files.segments()
-            if seg != current and session.execute(_NAMED, {"seg": seg}).first() is None]
+            if seg not in busy and session.execute(_NAMED, {"seg": seg}).first() is None]
 
 
 def compact(session: Session, files: PayloadFiles, older_than_us: int, limit: int = 200) -> int:
     """Move the payloads still in closed segments created before ``older_than_us`` (epoch
     microseconds) into their rows, at most ``limit``: an old segment is then let go."""
     moved = 0
-    current = files.current
+    busy = files.busy()
     for seg in files.segments():
-        if seg >= older_than_us or seg == current or moved >= limit:
+        if seg >= older_than_us or moved >= limit:
             break
+        if seg in busy:
+            continue
         rows = session.execute(_IN_SEGMENT, {"seg": seg, "limit": limit - moved}).all()
-        if rows:
-            session.execute(_INLINE, [
-                {"pid": int(r.id), "blob": files.read(Location(seg, int(r.seg_offset),
-                                                               int(r.seg_length)))}
-                for r in rows])
-        moved += len(rows)
+        try:
+            inline = [{"pid": int(r.id), "blob": files.read(
+                Location(seg, int(r.seg_offset), int(r.seg_length)))} for r in rows]
+        except StoreError as exc:  # one damaged segment must not stop the sweep
+            log.error("payload segment %s cannot be compacted: %s", seg, exc)
+            continue
+        if inline:
+            session.execute(_INLINE, inline)
+        moved += len(inline)
     return moved

@@ -68,8 +68,11 @@ def add_payload(session: Session, sealed: bytes) -> int:
 
 
 def sealed_payloads_in(session: Session, ids: Iterable[int],
-                       files: PayloadFiles | None = None) -> dict[int, bytes]:
-    """Payload id -> sealed bytes (plain rows, no ORM objects: read for every delivery)."""
+                       files: PayloadFiles | None = None,
+                       broken: dict[int, str] | None = None) -> dict[int, bytes]:
+    """Payload id -> sealed bytes (plain rows, no ORM objects: read for every delivery).
+    With ``broken``, a payload whose file cannot be read is reported there (id -> why)
+    instead of failing the whole read: one damaged segment must not stop other rows."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
@@ -79,10 +82,16 @@ def sealed_payloads_in(session: Session, ids: Iterable[int],
         if segment is None:
             out[int(pid)] = sealed
             continue
-        if files is None:
-            raise StoreError(f"queue payload {pid} lies in a payload file, and this process "
-                             "does not know the folder", hint="run it with the hub's config")
-        out[int(pid)] = files.read(Location(int(segment), int(offset), int(length)))
+        try:
+            if files is None:
+                raise StoreError(f"queue payload {pid} lies in a payload file, and this "
+                                 "process does not know the folder",
+                                 hint="run it with the hub's config")
+            out[int(pid)] = files.read(Location(int(segment), int(offset), int(length)))
+        except StoreError as exc:
+            if broken is None:
+                raise
+            broken[int(pid)] = str(exc)
     return out
 
 

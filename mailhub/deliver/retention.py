@@ -37,6 +37,7 @@ log = logging.getLogger("mailhub.queue")
 
 FINISHED = ("sent", "failed")
 COMPACT_GRACE = 3600  # seconds past keep_sent_payloads before a still-named segment is compacted
+COMPACT_BATCH = 50  # payloads moved into their rows a transaction (up to 50 x 270 KB)
 _T = OutboundItem.__table__  # type: ignore[attr-defined]
 _P = Payload.__table__  # type: ignore[attr-defined]
 
@@ -126,7 +127,7 @@ class PayloadSweeper:
         old_us = int(old.timestamp() * 1_000_000)
 
         def step(session: Session) -> tuple[int, int]:
-            moved = payload_files.compact(session, files, old_us, self.limit)
+            moved = payload_files.compact(session, files, old_us, COMPACT_BATCH)
             if moved:
                 log.info("moved %d payload(s) out of segment files older than %s", moved, old)
             dead = payload_files.dead_segments(session, files)
@@ -139,7 +140,7 @@ class PayloadSweeper:
         while True:  # more steps only while compaction has more to move
             moved, removed = await commits.run(step)
             total += removed
-            if moved < self.limit:
+            if moved < COMPACT_BATCH:
                 break
         self.segments_removed += total
         return total

@@ -32,11 +32,12 @@ from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
-from mailhub.deliver.fresh import FreshPayloads, Opened, WirePayload, take_claimed
+from mailhub.deliver.fresh import FreshPayloads, Opened, Unreadable, WirePayload, take_claimed
 from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.deliver.payloads import sealed_payloads_in
 from mailhub.deliver.retry import backoff_delay, next_step
 from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
+from mailhub.errors import StoreError
 from mailhub.spool.spool import Sealer
 from mailhub.store.models import utcnow
 
@@ -185,9 +186,11 @@ class DeliveryWorker:
         payloads: dict[int, WirePayload] = {}
         payloads.update(take_claimed(session.info, self.fresh,
                                      [(c.id, c.payload_id) for c in claimed]))
+        broken: dict[int, str] = {}
         payloads.update(sealed_payloads_in(
             session, (c.payload_id for c in claimed if c.payload_id not in payloads),
-            self.files))
+            self.files, broken))
+        payloads.update((pid, Unreadable(why)) for pid, why in broken.items())
         return claimed, payloads
 
     def _claim_alone(self) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:
@@ -266,6 +269,8 @@ class DeliveryWorker:
         """A claimed row's message, unsealed (its payload id is the associated data)."""
         if isinstance(sealed, Opened):
             return sealed.data
+        if isinstance(sealed, Unreadable):  # retried with backoff, like any internal error
+            raise StoreError(f"queue_id={item.id}: {sealed.reason}")
         return self.sealer.open(sealed, str(item.payload_id).encode())
 
     def _deliver_chain(self, jobs: list[tuple[queue.Claimed, WirePayload | None]]) -> None:
@@ -274,7 +279,7 @@ class DeliveryWorker:
         results: dict[int, SendResult] = {}
         groups: dict[str, list[tuple[queue.Claimed, WirePayload]]] = {}
         for item, sealed in jobs:
-            if sealed is not None:
+            if sealed is not None and not isinstance(sealed, Unreadable):
                 groups.setdefault(item.relay, []).append((item, sealed))
         try:
             for relay, group in groups.items():

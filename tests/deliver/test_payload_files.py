@@ -98,6 +98,18 @@ def test_a_row_in_a_file_needs_the_folder_to_be_read(engine: Engine,
         payloads.load_payloads(engine, [pid])
 
 
+def test_a_savepoint_rolled_back_keeps_the_earlier_appends_synced(engine: Engine,
+                                                                  files: PayloadFiles) -> None:
+    with Session(engine) as s:
+        pid = payloads.insert_payload(s, BIG, SEALER, files)
+        nested = s.begin_nested()
+        payloads.insert_payload(s, BIG[::-1], SEALER, files)
+        nested.rollback()
+        s.commit()
+    assert files.syncs == 1 and opened(engine, files, pid) == BIG
+    assert files.busy() == {files.current}  # the transaction is over: nothing held
+
+
 def test_rolled_back_appends_are_not_synced_and_name_nothing(engine: Engine,
                                                             files: PayloadFiles) -> None:
     with Session(engine) as s:
@@ -126,15 +138,64 @@ def test_a_failed_sync_fails_the_commit(engine: Engine, files: PayloadFiles,
     assert opened(engine, files, pid) == BIG and len(files.segments()) == 2
 
 
+def test_a_failed_sync_fails_every_transaction_that_wrote_the_segment(
+        engine: Engine, files: PayloadFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = Session(engine), Session(engine)
+    try:
+        payloads.insert_payload(first, BIG, SEALER, files)
+        # (SQLite lets one transaction write at a time; the bytes go in before the row)
+        assert files.append(second, BIG[::-1]).segment == files.current
+        with monkeypatch.context() as m:
+            m.setattr(payload_files, "_sync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+            with pytest.raises(StoreError):
+                first.commit()
+        with pytest.raises(StoreError, match="could not be synced"):
+            second.commit()  # its bytes were in the segment whose fsync failed
+    finally:
+        first.close()
+        second.close()
+    _, pid = add(engine, files, BIG)  # a later transaction writes to a new segment
+    assert opened(engine, files, pid) == BIG
+
+
+def test_the_sweep_keeps_a_segment_a_transaction_in_progress_wrote(engine: Engine,
+                                                                   tmp_path: Path) -> None:
+    """The segment is closed (idle) and no committed row names it yet, but a transaction
+    that appended to it has not committed: deleting it then would lose that message."""
+    files = PayloadFiles(tmp_path / "race", inline_max=1024, idle_close=0.0)
+    writer = Session(engine)
+    try:
+        pid = payloads.insert_payload(writer, BIG, SEALER, files)
+        segment = files.current
+        with Session(engine) as s:
+            assert payload_files.dead_segments(s, files) == []  # closed now, but held
+        assert files.current == 0
+        files.remove(segment)
+        writer.commit()
+    finally:
+        writer.close()
+    assert opened(engine, files, pid) == BIG
+    with Session(engine) as s:  # once committed, a row names it: still not dead
+        assert payload_files.dead_segments(s, files) == []
+    with Session(engine) as s:  # rolled back instead, nothing names it: dead
+        payloads.insert_payload(s, BIG, SEALER, files)
+        other = files.current
+        s.rollback()
+    with Session(engine) as s:
+        assert payload_files.dead_segments(s, files) == [other]
+
+
 def test_a_restart_starts_a_new_segment_after_every_old_one(engine: Engine, tmp_path: Path,
                                                             files: PayloadFiles) -> None:
     _, first = add(engine, files, BIG, n=1)
     old = files.current
     with files.path(old).open("ab") as seg:
         seg.write(b"torn tail of a crash")
+    ahead = old + 10**12  # a segment made while the clock ran days ahead
+    files.path(ahead).write_bytes(b"")
     again = PayloadFiles(files.folder, inline_max=1024)
     _, second = add(engine, again, BIG, n=2)
-    assert again.current > old and files.segments() == [old, again.current]
+    assert again.current > ahead and files.segments() == [old, ahead, again.current]
     assert opened(engine, again, first) == BIG and opened(engine, again, second) == BIG
 
 
@@ -164,13 +225,17 @@ def test_an_old_segment_a_retried_row_still_names_is_compacted(engine: Engine,
                                                               tmp_path: Path) -> None:
     files = PayloadFiles(tmp_path / "cp", inline_max=1024, limit=1)  # every commit rotates
     _, retried = add(engine, files, BIG, "queued", n=1)
-    add(engine, files, b"x" * 2000, "queued", n=2)  # the open segment
     first = files.segments()[0]
+    files.limit = 1 << 30
+    _, still_open = add(engine, files, BIG, "queued", n=2)
     sweeper = PayloadSweeper(60, files=files)
     later = datetime.now(UTC) + timedelta(seconds=60 + COMPACT_GRACE + 5)
     asyncio.run(run_sweep(engine, sweeper, later))
     assert first not in files.segments()
     assert row(engine, retried).segment is None and opened(engine, files, retried) == BIG
+    # the open segment is as old, but it may still grow: it is left alone
+    assert row(engine, still_open).segment == files.current
+    assert opened(engine, files, still_open) == BIG
     # not yet old: a new segment still named by a row is left alone
     _, recent = add(engine, files, BIG, "queued", n=3)
     asyncio.run(run_sweep(engine, sweeper))

@@ -90,6 +90,31 @@ def test_missing_payload_fails(store: Store, servers: list[SmtpDouble]) -> None:
     assert server.connections == 0
 
 
+def test_a_payload_file_that_cannot_be_read_delays_only_its_row(
+        store: Store, servers: list[SmtpDouble], caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged segment (here: deleted) must not fail the claim of the rows around it: its
+    row is retried later like any internal error, the others are sent."""
+    from mailhub.deliver.payload_files import PayloadFiles
+
+    server = serve(servers)
+    store.files = PayloadFiles(store.root / "payloads", inline_max=300, limit=1)
+    big = [store.enqueue(f"r{i}@clinic-a.example", b"Subject: x\r\n\r\n" + b"y" * 500)
+           for i in range(3)]
+    small = store.enqueue("s@clinic-a.example", b"Subject: s\r\n\r\nshort\r\n")
+    segments = store.files.segments()
+    assert len(segments) == 3  # limit=1: one segment a commit
+    store.files.path(segments[1]).unlink()
+    with caplog.at_level(logging.ERROR, logger="mailhub.deliver"):
+        drain(make_worker(store, server))
+    assert [store.row(i).status for i in (big[0], big[2], small)] == ["sent"] * 3
+    lost = store.row(big[1])
+    assert (lost.status, lost.reason) == ("queued", "internal error; see the log")
+    assert lost.next_attempt_at > utcnow() and lost.sending_since is None
+    assert any("cannot open a queue payload file" in r.getMessage() or
+               "cannot open a queue payload file" in str(r.exc_info) for r in caplog.records)
+    assert len(server.transactions) == 3
+
+
 def test_require_tls_row_waits_for_tls(store: Store, servers: list[SmtpDouble]) -> None:
     server = serve(servers)  # no STARTTLS
     item = store.enqueue("desk@airline.example", b"x\r\n", require_tls=True)

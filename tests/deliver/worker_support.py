@@ -11,6 +11,7 @@ from sqlmodel import Session
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.crypto.atrest import AtRest
 from mailhub.deliver import payloads, queue
+from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.deliver.worker import DeliveryWorker
 from mailhub.store.models import OutboundItem
 from tests.deliver.smtp_double import SmtpDouble
@@ -24,11 +25,13 @@ class Store:
     sealer: AtRest
     root: Path
     failed: list[tuple[int, str]] = field(default_factory=list)
+    files: PayloadFiles | None = None  # large payloads in segment files, when set
 
     def enqueue(self, recipient: str, body: bytes, *, payload: bool = True,
                 **values: object) -> int:
         with Session(self.engine) as session:
-            pid = payloads.insert_payload(session, body, self.sealer) if payload else None
+            pid = (payloads.insert_payload(session, body, self.sealer, self.files)
+                   if payload else None)
             n = len(queue.list_items(self.engine))
             item = queue.insert_item(session, source_id=f"spool-{n}", message_id=f"<m{n}@pc>",
                                      sender=SENDER, recipient=recipient, payload_id=pid,
@@ -50,6 +53,7 @@ def make_worker(store: Store, server: SmtpDouble, *, commits: bool = True,
         "internal_relay": HostPort("127.0.0.1", internal.port) if internal else None, **cfg})
     return DeliveryWorker(store.engine, store.sealer, config, helo="medvoyage.example",
                           commits=queue.GroupCommit(store.engine) if commits else None,
+                          files=store.files,
                           on_failed=lambda item, reply: store.failed.append((item.id, reply)))
 
 

@@ -112,3 +112,38 @@ def test_a_new_database_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: P
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("CREATE TABLE keep (id INTEGER PRIMARY KEY)")
     assert page_size(old) == 4096  # opened, migrated and used as it is
+
+
+def test_payload_locations_upgrade_and_a_downgrade_refuses_to_lose_file_payloads(
+        tmp_path: Path) -> None:
+    """0004 adds where a payload lies; going back while a row's bytes lie in a file would
+    leave that row with none, so the downgrade refuses until no row names a file."""
+    import pytest
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from mailhub.store.db import _alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    try:
+        command.upgrade(_alembic_config(engine), "0003")
+        with engine.begin() as conn:  # a payload written before the upgrade stays in its row
+            conn.execute(text("INSERT INTO payloads (sealed, created_at) "
+                              "VALUES (x'0102', '2026-11-23 10:00:00')"))
+        migrate(engine)
+        cols = {c["name"] for c in inspect(engine).get_columns("payloads")}
+        assert {"segment", "seg_offset", "seg_length"} <= cols
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT sealed, segment FROM payloads")).one() == (
+                b"\x01\x02", None)
+            conn.execute(text("INSERT INTO payloads (sealed, created_at, segment, seg_offset, "
+                              "seg_length) VALUES (x'', '2026-11-23 10:00:00', 17, 0, 270000)"))
+        with pytest.raises(RuntimeError, match="deliver or drop them before downgrading"):
+            command.downgrade(_alembic_config(engine), "0003")
+        assert schema_revision(engine) == "0004"
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM payloads WHERE segment IS NOT NULL"))
+        command.downgrade(_alembic_config(engine), "0003")
+        assert "segment" not in {c["name"] for c in inspect(engine).get_columns("payloads")}
+    finally:
+        engine.dispose()

@@ -29,6 +29,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    named = op.get_bind().execute(
+        sa.text('SELECT count(*) FROM payloads WHERE segment IS NOT NULL')).scalar()
+    if named:  # dropping the columns would leave those rows with no bytes at all
+        raise RuntimeError(f'{named} queue payload(s) lie in segment files under '
+                           'data_dir/payloads/; deliver or drop them before downgrading')
     with op.batch_alter_table('payloads', schema=None) as batch_op:
         batch_op.drop_index('ix_payloads_segment')
         batch_op.drop_column('seg_length')
