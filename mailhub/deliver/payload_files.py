@@ -258,7 +258,8 @@ _INLINE = (update(_P).where(_P.c.id == bindparam("pid"))
            .values(sealed=bindparam("blob"), segment=None, seg_offset=None, seg_length=None))
 
 
-def store(session: Session, files: PayloadFiles, sealed: dict[int, bytes]) -> dict[int, bytes]:
+def store_large(session: Session, files: PayloadFiles,
+                sealed: dict[int, bytes]) -> dict[int, bytes]:
     """Append the large ones of ``sealed`` (payload id -> bytes) and point their rows at them;
     returns the rest, which stay in their rows."""
     inline: dict[int, bytes] = {}
@@ -284,7 +285,7 @@ def dead_segments(session: Session, files: PayloadFiles) -> list[int]:
             if seg not in busy and session.execute(_NAMED, {"seg": seg}).first() is None]
 
 
-def compact(session: Session, files: PayloadFiles, older_than_us: int, limit: int = 200) -> int:
+def compact(session: Session, files: PayloadFiles, older_than_us: int, limit: int = 50) -> int:
     """Move the payloads still in closed segments created before ``older_than_us`` (epoch
     microseconds) into their rows, at most ``limit``: an old segment is then let go."""
     moved = 0

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from mailhub.deliver.payload_files import Location, PayloadFiles, store
+from mailhub.deliver.payload_files import Location, PayloadFiles, store_large
 from mailhub.errors import StoreError
 from mailhub.store.models import Payload, utcnow
 
@@ -46,7 +46,7 @@ def insert_payloads(session: Session, datas: list[bytes], sealer: Sealer,
     sealed = {pid: sealer.seal(data, str(pid).encode())
               for pid, data in zip(pids, datas, strict=True)}
     if files is not None:
-        sealed = store(session, files, sealed)
+        sealed = store_large(session, files, sealed)
     if sealed:
         session.execute(_SEAL_PAYLOAD, [{"pid": pid, "blob": blob}
                                         for pid, blob in sealed.items()])
