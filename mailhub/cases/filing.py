@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailhub.cases.prefetch import PrefetchedIndex
-from mailhub.cases.service import create_case, patient_of, resolve_merged
+from mailhub.cases.service import case_patient, create_case, resolve_merged
 from mailhub.cases.store import (
     SqlCaseIndex,
     file_message,
@@ -43,7 +43,6 @@ from mailhub.parse.headers import (
 )
 from mailhub.parse.msgid import parse_msgid_list
 from mailhub.store import audit
-from mailhub.store.models import Case, Patient
 
 log = logging.getLogger("mailhub.cases")
 
@@ -84,11 +83,6 @@ def display_name(msg: Message, fallback: str) -> str:
 
 class _AlreadyStored(Exception):
     """Internal: the message turned out to be stored already (rolls back a new case)."""
-
-
-def case_patient(session: Session, case_id: str) -> Patient:
-    case = session.get(Case, case_id)
-    return patient_of(session, case) if case is not None else Patient(name="", email="")
 
 
 def _patient_name(session: Session, case_id: str) -> str:

@@ -59,6 +59,12 @@ def patient_of(session: Session, case: Case) -> Patient:
     return patient or Patient(name="", email="")
 
 
+def case_patient(session: Session, case_id: str) -> Patient:
+    """The patient of the case ``case_id`` (an empty one when there is no such case)."""
+    case = session.get(Case, case_id)
+    return patient_of(session, case) if case is not None else Patient(name="", email="")
+
+
 def _text(value: str, what: str, problems: list[str], *, required: bool = False) -> str:
     text = strip_crlf(value)
     if required and not text:
@@ -339,7 +345,6 @@ def resolve_merged(session: Session, case_id: str) -> str:
 def merged_targets(session: Session, case_ids: list[str]) -> dict[str, tuple[str, str]]:
     """Of ``case_ids``, those merged into another case: the case their mail lives in now and
     that case's patient name (for its IMAP folder)."""
-    from mailhub.cases.filing import case_patient
 
     merged = session.execute(select(Case.id).where(  # type: ignore[call-overload]
         Case.id.in_(case_ids), Case.merged_into.is_not(None))).scalars().all()  # type: ignore[attr-defined,union-attr]
