@@ -9,7 +9,6 @@ here return the same sealed bytes either way.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
@@ -17,6 +16,7 @@ from sqlmodel import Session
 
 from mailhub.deliver.payload_files import Location, PayloadFiles, store_large
 from mailhub.errors import StoreError
+from mailhub.spool.spool import Sealer  # the at-rest key, as the worker and the spool use it
 from mailhub.store.models import Payload, utcnow
 
 _P = Payload.__table__  # type: ignore[attr-defined]
@@ -27,10 +27,6 @@ _SEALED = (select(_P.c.id, _P.c.sealed, _P.c.segment, _P.c.seg_offset, _P.c.seg_
 # back to one statement per row on SQLite (no sentinel column to sort by), a database call and
 # a GIL hand-off each. Unsorted, all rows go in one statement; the ids are matched up instead.
 _INSERT_PAYLOADS = insert(_P).returning(_P.c.id)
-
-
-class Sealer(Protocol):
-    def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes: ...
 
 
 def insert_payloads(session: Session, datas: list[bytes], sealer: Sealer,
