@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
@@ -68,8 +68,7 @@ def rewrite_reply(status: str) -> str:
     return status
 
 
-END_OF_DATA = b"\r\n.\r\n"
-_STUFFED = re.compile(rb"\r\n\.")  # a transparency dot
+_LINE_DOT = re.compile(rb"\r\n\.")  # a dot that starts a line: the end of DATA, or stuffing
 TOO_LONG_REPLY = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's texts (rewritten)
 TOO_MUCH_REPLY = "552 Error: Too much mail data"
 
@@ -83,7 +82,7 @@ class DataBody:
     reply. After an error the data is dropped as it arrives, and reading goes on to the end.
     """
 
-    __slots__ = ("size_limit", "max_content", "size", "run", "cr", "parts", "error")
+    __slots__ = ("size_limit", "max_content", "size", "run", "cr", "parts", "error", "stuffed")
 
     def __init__(self, size_limit: int | None, line_limit: int) -> None:
         self.size_limit = size_limit or 0
@@ -93,6 +92,7 @@ class DataBody:
         self.cr = False
         self.parts: list[bytes] = []
         self.error: str | None = None
+        self.stuffed = False  # a line began with a transparency dot (set by read_data)
 
     def add(self, data: bytes) -> None:
         if self.error is not None or not data:
@@ -140,10 +140,10 @@ class DataBody:
         limit; False (nothing changed) when the exact count below must decide.
 
         Mail lines are short, and splitting a 200 KB block into its lines cost more than the
-        rest of receiving it. Instead: the first and last line are measured, and the lines
-        between are probed every ``step`` bytes for a CRLF within the next ``step + 1``. A line
-        of more than ``max_content`` >= 2 * step - 1 bytes holds a whole such window without
-        one, so if every window has a CRLF no line between is too long."""
+        rest of receiving it. Instead: the first and last line are measured, and between them
+        each step goes from a line's start to the last CRLF within ``max_content + 2`` bytes.
+        A line that fits ends inside that window, and so does every line before the CRLF found;
+        no CRLF there means a line too long. A step passes ~12 lines of 76 bytes."""
         first = data.find(b"\r\n")
         if first < 0 or self.run + first > self.max_content:
             return False
@@ -152,57 +152,80 @@ class DataBody:
         cr = data[-1:] == b"\r"
         if run - cr > self.max_content:
             return False
-        step = (self.max_content + 1) // 2
-        find = data.find
-        for pos in range(first + 2, last, step):
-            if find(b"\r\n", pos, pos + step + 1) < 0:
+        window = self.max_content + 2  # a line that fits ends with its CRLF inside this
+        rfind = data.rfind
+        pos = first + 2
+        while pos < last:  # from a line start, hop to the last CRLF within reach
+            end = rfind(b"\r\n", pos, pos + window)
+            if end < 0:
                 return False
+            pos = end + 2
         self.run, self.cr = run, cr
         return True
 
     def content(self) -> bytes:
         """The message: the body without the transparency dots (RFC 5321 4.5.2)."""
-        data = b"".join(self.parts)
+        data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        if not self.stuffed:
+            return data
         if data[:1] == b".":
             data = data[1:]
-        if _STUFFED.search(data) is None:  # the regex engine's literal search is the fast one
-            return data
         return data.replace(b"\r\n.", b"\r\n")
 
 
-def _end_prefix(tail: bytes) -> int:
-    """Length of the longest start of END_OF_DATA that ``tail`` ends with (0 to 4)."""
-    for k in (4, 3, 2, 1):
-        if tail.endswith(END_OF_DATA[:k]):
-            return k
-    return 0
+READ_SIZE = 1 << 20  # take whatever has arrived, up to this
+
+
+def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put back bytes read past the end of DATA (pipelined commands) for the next command.
+
+    StreamReader has no public way; aiosmtpd itself clears ``_buffer`` after STARTTLS."""
+    reader._buffer[:0] = data  # type: ignore[attr-defined]
 
 
 async def read_data(reader: asyncio.StreamReader, body: DataBody) -> None:
     """Read a DATA body up to and including the lone-dot line, and not one byte further.
 
-    Commands the client pipelined after the end stay in ``reader``. The end is searched in
-    blocks with ``readuntil(END_OF_DATA)``: when the stream limit stops it, the block it
-    searched (all but the last 4 bytes, which may begin the end) is taken whole. Only DATA's
-    first line start has no CRLF before it: the first bytes are read exactly until no end can
-    straddle what was taken. Raises IncompleteReadError if the client hangs up before the end.
-    """
-    head = b""
-    while k := _end_prefix((b"\r\n" + head)[-4:]):
-        head += await reader.readexactly(len(END_OF_DATA) - k)
-        if (b"\r\n" + head).endswith(END_OF_DATA):
-            body.add(head[:-3])  # the CRLF before the dot belongs to the body
-            return
-    body.add(head)
+    One pass over each block as it arrives: the only places that matter are the dots that
+    start a line (a CRLF before them; DATA's first line counts as after one). A dot line is
+    the end when CRLF follows the dot, a transparency dot otherwise (``body.stuffed``); a dot
+    too near the block's end to tell is held back until more comes. Bytes read past the end
+    (commands the client pipelined) are put back into ``reader``. Raises IncompleteReadError
+    if the client hangs up before the end."""
+    before = b"\r\n"  # the last two bytes taken before ``scan``
+    held = b""  # from an undecided line-starting dot on
     while True:
-        try:
-            block = await reader.readuntil(END_OF_DATA)
-        except asyncio.LimitOverrunError as exc:
-            # the end is not within the first exc.consumed bytes, nor does it start there
-            body.add(await reader.read(exc.consumed))
-            continue
-        body.add(block[:-3])
-        return
+        block = await reader.read(READ_SIZE)
+        if not block:
+            raise asyncio.IncompleteReadError(held, None)
+        scan = held + block if held else block
+        held = b""
+        take = len(scan)  # bytes of ``scan`` that belong to the body
+        for dot in _line_dots(before, scan):
+            after = scan[dot + 1:dot + 3]
+            if after == b"\r\n":  # the end: the CRLF before the dot belongs to the body
+                if dot:
+                    body.add(scan[:dot])
+                if dot + 3 < len(scan):
+                    _unread(reader, scan[dot + 3:])
+                return
+            if len(after) < 2 and b"\r\n".startswith(after):
+                take, held = dot, scan[dot:]  # the last dot line in scan: wait for more
+                break
+            body.stuffed = True
+        if take:
+            body.add(scan if take == len(scan) else scan[:take])
+            before = (before + scan[max(0, take - 2):take])[-2:]
+
+
+def _line_dots(before: bytes, scan: bytes) -> Iterator[int]:
+    """Positions in ``scan`` of dots that start a line, in order (``before``: what precedes)."""
+    if scan[:1] == b"." and before == b"\r\n":
+        yield 0
+    elif scan[:2] == b"\n." and before[-1:] == b"\r":
+        yield 1
+    for match in _LINE_DOT.finditer(scan):
+        yield match.end() - 1
 
 
 class HubSMTP(SMTP):
