@@ -121,11 +121,13 @@ class AtRest:
 
     def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         """Encrypt one object under a fresh data key; returns the versioned blob."""
-        data_key = AESGCM.generate_key(bit_length=256)
+        # the data key and both nonces from one getrandom call (a syscall: this runs per message)
+        fresh = secrets.token_bytes(KEY_SIZE + 2 * _NONCE_LEN)
+        data_key = fresh[:KEY_SIZE]
+        wrap_nonce = fresh[KEY_SIZE:KEY_SIZE + _NONCE_LEN]
+        nonce = fresh[KEY_SIZE + _NONCE_LEN:]
         prefix = MAGIC + bytes([VERSION]) + self._current_id
-        wrap_nonce = secrets.token_bytes(_NONCE_LEN)
         wrapped = self._gcm(self._current_id).encrypt(wrap_nonce, data_key, prefix)
-        nonce = secrets.token_bytes(_NONCE_LEN)
         header = prefix + wrap_nonce + wrapped + nonce
         return header + AESGCM(data_key).encrypt(nonce, plaintext, header + aad)
 
