@@ -23,6 +23,7 @@ payloads moved into their rows first (``compact``).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -44,6 +45,8 @@ SUFFIX = ".pay"
 _APPENDED = "mailhub.payload_files"  # session.info key: {files: segments} of this transaction
 log = logging.getLogger("mailhub.queue")
 _sync = getattr(os, "fdatasync", os.fsync)
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+_PAGE = mmap.PAGESIZE
 _P = Payload.__table__  # type: ignore[attr-defined]
 
 
@@ -80,6 +83,7 @@ class PayloadFiles:
         self._fd: int | None = None
         self._segment = 0
         self._size = 0
+        self._dropped = 0  # bytes of the open segment already let go from the page cache
         self._dirty = False
         self._lost: set[int] = set()  # segments whose appends could not all be synced
         self._held: Counter[int] = Counter()  # segment -> transactions in progress that wrote it
@@ -140,6 +144,7 @@ class PayloadFiles:
                 raise _error("sync", exc) from exc
             self.syncs += 1
             self._dirty = False
+            self._drop_cached()
             if self._size >= self.limit:
                 self._retire()
 
@@ -202,6 +207,21 @@ class PayloadFiles:
         with self._lock:
             self._retire()
 
+    def _drop_cached(self) -> None:
+        """Let the page cache go of what was just synced. The senders get fresh payloads from
+        memory, so these pages are read again only after a restart or a retry; kept, they grew
+        the cache by every payload written, each write landing on memory not touched before.
+        On a VM that hands free memory back to its host that is a fault per page: the commit
+        thread's CPU for a 200 KiB message rose from 0.6 to 1.2 ms as the cache grew."""
+        if _DONTNEED is None or self._fd is None or self._size <= self._dropped:
+            return
+        start = self._dropped - self._dropped % _PAGE  # the partial page of the last drop too
+        try:
+            os.posix_fadvise(self._fd, start, self._size - start, _DONTNEED)
+        except OSError:
+            return  # only advice: the data is on disk either way
+        self._dropped = self._size
+
     def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         existing = self.segments()
@@ -217,6 +237,7 @@ class PayloadFiles:
             path.unlink(missing_ok=True)
             raise
         self._fd, self._segment, self._size, self._dirty = fd, segment, 0, False
+        self._dropped = 0
 
     def _retire(self) -> None:
         """Close the open segment; appends not yet synced are synced first (rows of a
@@ -227,6 +248,8 @@ class PayloadFiles:
                     _sync(self._fd)
                 except OSError:
                     self._lost.add(self._segment)
+                else:
+                    self._drop_cached()
             os.close(self._fd)
             self._fd = None
         self._dirty = False

@@ -6,6 +6,8 @@ deletes segments no row names (after compacting old ones a retried row still nam
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import mmap
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,6 +83,34 @@ def test_large_payloads_lie_in_a_file_small_ones_in_their_row(engine: Engine,
     segment = files.path(files.current).read_bytes()
     assert BIG[:64] not in segment
     assert oct(files.path(files.current).stat().st_mode & 0o777) == "0o600"
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mincore over a private mapping, which reads
+    nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        vec = (ctypes.c_ubyte * pages)()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec)
+
+
+def test_synced_payloads_leave_the_page_cache(engine: Engine, files: PayloadFiles) -> None:
+    """Written once and read back only after a restart or a retry, a payload's pages are let
+    go once synced; the file still reads back whole."""
+    pids = []
+    for n in range(3):
+        _, pid = add(engine, files, BIG, n=n)
+        pids.append(pid)
+        path = files.path(files.current)
+        assert path.stat().st_size > (n + 1) * len(BIG)
+        assert resident_pages(path) <= 1  # at most the last, partial page
+    assert [opened(engine, files, pid) for pid in pids] == [BIG] * 3
+    assert resident_pages(path) > 2 * len(BIG) // mmap.PAGESIZE  # read back: cached again
 
 
 def test_without_files_every_payload_stays_in_its_row(engine: Engine) -> None:
