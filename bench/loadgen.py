@@ -1,20 +1,17 @@
-"""SMTP load for the benchmark: a lean asyncio client, a counting sink and a bare aiosmtpd server.
+"""SMTP load for the benchmark: the messages, and the sink and bare aiosmtpd server processes.
 
-The client is written against raw asyncio streams rather than smtplib so that its own cost stays
-small next to what is measured: the relay (or the bare aiosmtpd server) is the thing under test,
-not the load generator. The sink is in ``bench/sink.py``.
+The client that sends the load is in ``bench/client.py``, the sink in ``bench/sink.py``: both
+are written for low CPU, since they share the machine with what is measured.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import multiprocessing
 import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
@@ -58,115 +55,11 @@ class LoadResult:
     client_cpu: float = 0.0
 
 
-async def _reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    lines = []
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("server closed the connection")
-        lines.append(line)
-        if line[3:4] != b"-":
-            return int(line[:3]), b"".join(lines)
-
-
-async def _cmd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-               line: bytes) -> tuple[int, bytes]:
-    writer.write(line + CRLF)
-    return await _reply(reader)
-
-
 def client_tls() -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-async def _open(host: str, port: int, *, login: tuple[str, str] | None,
-                tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect, EHLO, STARTTLS and AUTH PLAIN: a session ready for MAIL."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        await _reply(reader)
-        await _cmd(reader, writer, b"EHLO bench.client")
-        if tls:
-            code, _ = await _cmd(reader, writer, b"STARTTLS")
-            if code != 220:
-                raise ConnectionError(f"STARTTLS refused: {code}")
-            await writer.start_tls(client_tls())
-            await _cmd(reader, writer, b"EHLO bench.client")
-        if login:
-            token = base64.b64encode(f"\0{login[0]}\0{login[1]}".encode()).decode()
-            code, text = await _cmd(reader, writer, f"AUTH PLAIN {token}".encode())
-            if code != 235:
-                raise ConnectionError(f"AUTH refused: {text!r}")
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer
-
-
-async def _session(host: str, port: int, items: list[Item], result: LoadResult, *,
-                   sender: str, login: tuple[str, str] | None, tls: bool,
-                   ready: Callable[[], Awaitable[None]]) -> None:
-    try:
-        reader, writer = await _open(host, port, login=login, tls=tls)
-    finally:
-        await ready()  # a session that failed to open must not hold the others back
-    try:
-        while items:
-            item = items.pop()
-            code, text = await _cmd(reader, writer, f"MAIL FROM:<{sender}>".encode())
-            if code == 250:
-                code, text = await _cmd(reader, writer, f"RCPT TO:<{item.rcpt}>".encode())
-            if code == 250:
-                code, text = await _cmd(reader, writer, b"DATA")
-            if code == 354:
-                writer.write(item.data)
-                writer.write(b".\r\n")
-                code, text = await _reply(reader)
-                if code == 250:
-                    result.acked.append(item.message_id)
-                    result.last_ack = time.perf_counter()
-                    continue
-            result.refused.append((item.message_id, text.decode("utf-8", "replace")))
-            await _cmd(reader, writer, b"RSET")
-        await _cmd(reader, writer, b"QUIT")
-    finally:
-        writer.close()
-
-
-async def run_load(host: str, port: int, items: list[Item], *, sessions: int, sender: str,
-                   login: tuple[str, str] | None, tls: bool,
-                   on_start: Callable[[], None] | None = None) -> LoadResult:
-    """Send every item over ``sessions`` concurrent sessions (each reused for many messages).
-
-    The clock starts once every session has done its STARTTLS and AUTH (a steady state: the
-    set-up of a session is not what is compared), and so does the client's CPU count;
-    ``on_start`` is called then, for the caller to start counting the server's. (Eight scrypt
-    checks cost the server about 0.8 s: 1.3 ms a message in a 600-message run.)"""
-    result = LoadResult()
-    todo = list(reversed(items))
-    go = asyncio.Event()
-    waiting = [sessions]
-
-    async def ready() -> None:
-        waiting[0] -= 1
-        if waiting[0] == 0:
-            if on_start is not None:
-                on_start()
-            cpu0[0] = time.process_time()
-            result.started = time.perf_counter()
-            go.set()
-        await go.wait()
-
-    cpu0 = [time.process_time()]
-    outcomes = await asyncio.gather(*(_session(host, port, todo, result, sender=sender,
-                                               login=login, tls=tls, ready=ready)
-                                      for _ in range(sessions)), return_exceptions=True)
-    result.client_cpu = time.process_time() - cpu0[0]
-    result.errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
-    return result
 
 
 # --- the bare aiosmtpd reference server, in its own process ----------------------------------

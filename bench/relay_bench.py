@@ -20,7 +20,6 @@ doing STARTTLS + AUTH PLAIN once and then sending many messages, one recipient e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from bench.client import run_load
 from bench.common import (
     COORD,
     PASSWORD,
@@ -41,7 +41,7 @@ from bench.common import (
     make_hub,
     short_tmp,
 )
-from bench.loadgen import Item, ServerProcess, free_port, make_message, run_load, wait_port
+from bench.loadgen import Item, ServerProcess, free_port, make_message, wait_port
 
 SIZES = {"4KiB": 4096, "200KiB": 200 * 1024}
 RCPT = {"plaintext": PLAIN_RCPT, "openpgp": PGP_RCPT, "smime": SMIME_RCPT}
@@ -68,8 +68,8 @@ def items_for(kind: str, size: int, count: int, tag: str) -> list[Item]:
 
 def load(port: int, items: list[Item], sessions: int,  # type: ignore[no-untyped-def]
          on_start: Callable[[], None] | None = None):
-    result = asyncio.run(run_load("127.0.0.1", port, items, sessions=sessions, sender=COORD,
-                                  login=(COORD, PASSWORD), tls=True, on_start=on_start))
+    result = run_load("127.0.0.1", port, items, sessions=sessions, sender=COORD,
+                      login=(COORD, PASSWORD), tls=True, on_start=on_start)
     if result.errors or result.refused:
         raise RuntimeError(f"load errors: {result.errors[:3]} refused: {result.refused[:3]}")
     return result
