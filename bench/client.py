@@ -12,11 +12,33 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from bench.loadgen import CRLF, Item, LoadResult, client_tls
+from bench.loadgen import CRLF, Item
+
+
+@dataclass
+class LoadResult:
+    """What a load did: acknowledged message ids, refusals, errors, and its clock and CPU."""
+
+    acked: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    started: float = 0.0
+    last_ack: float = 0.0
+    client_cpu: float = 0.0
+
+
+def client_tls() -> ssl.SSLContext:
+    """The load's TLS: the hub's certificate is self-signed, and not what is measured."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class ClientSession:

@@ -12,7 +12,7 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
@@ -43,23 +43,6 @@ class Item:
     rcpt: str
     message_id: str
     data: bytes  # CRLF, already dot-stuffed where needed
-
-
-@dataclass
-class LoadResult:
-    acked: list[str] = field(default_factory=list)
-    refused: list[tuple[str, str]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    started: float = 0.0
-    last_ack: float = 0.0
-    client_cpu: float = 0.0
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 # --- the bare aiosmtpd reference server, in its own process ----------------------------------
