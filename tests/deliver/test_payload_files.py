@@ -9,6 +9,9 @@ import asyncio
 import ctypes
 import mmap
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -110,11 +113,26 @@ def file_system(path: Path) -> str:
     return kind
 
 
-def test_synced_payloads_leave_the_page_cache(engine: Engine, files: PayloadFiles) -> None:
+@pytest.fixture
+def disk_files(tmp_path: Path) -> Iterator[PayloadFiles]:
+    """Segment files on a disk-backed file system: on tmpfs the page cache is where files
+    live, so nothing could be let go. When the temporary folder is on tmpfs, a folder beside
+    this test (in the checkout) is used instead."""
+    if file_system(tmp_path) != "tmpfs":
+        yield PayloadFiles(tmp_path / "payloads", inline_max=1024)
+        return
+    folder = Path(tempfile.mkdtemp(prefix=".payload-cache-test-", dir=Path(__file__).parent))
+    try:
+        assert file_system(folder) != "tmpfs", "no disk-backed folder to test the page cache on"
+        yield PayloadFiles(folder / "payloads", inline_max=1024)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_synced_payloads_leave_the_page_cache(engine: Engine, disk_files: PayloadFiles) -> None:
     """Written once and read back only after a restart or a retry, a payload's pages are let
     go once synced; the file still reads back whole."""
-    if file_system(files.folder.parent) == "tmpfs":
-        pytest.skip("on tmpfs the page cache is where files live: nothing can be let go")
+    files = disk_files
     pids = []
     for n in range(3):
         _, pid = add(engine, files, BIG, n=n)
