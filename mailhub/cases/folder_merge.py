@@ -4,8 +4,9 @@
 fail half-way on one). The serving process's IMAP watcher then looks, at most once a
 ``interval``, at the case folders the server lists, asks the store which of those cases were
 merged (and into which case, following chains of merges), and moves their messages over with
-flags and dates kept; the emptied folder is deleted. Nothing is lost on a crash in between:
-whatever is still in the old folder is moved at the next look.
+flags and dates kept; the emptied folder is deleted. Nothing is lost or filed twice on a crash
+in between: whatever is still in the old folder is moved at the next look, and a server without
+MOVE does not get a second copy of what an interrupted COPY already put there.
 """
 
 from __future__ import annotations

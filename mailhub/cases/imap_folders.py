@@ -141,6 +141,23 @@ def _as_str(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_SIZE_AND_ID = ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
+
+
+def _size_and_id(fetched: dict[int, dict[bytes, Any]]) -> dict[int, tuple[int, bytes]]:
+    """uid -> (size, Message-ID line as stored): equal for two copies of one message."""
+    out = {}
+    for uid, item in fetched.items():
+        head = next((v for k, v in item.items() if k.startswith(b"BODY[HEADER")), b"")
+        out[uid] = (int(item.get(b"RFC822.SIZE", -1)), bytes(head or b"").strip())
+    return out
+
+
+def _digests(fetched: dict[int, dict[bytes, Any]]) -> dict[int, bytes]:
+    return {uid: hashlib.sha256(item.get(b"BODY[]") or b"").digest()
+            for uid, item in fetched.items()}
+
+
 class CaseFolders:
     """Create and fill case folders over one logged-in IMAPClient (used by one thread)."""
 
@@ -261,14 +278,21 @@ class CaseFolders:
 
     def move_all(self, source: str, target: str) -> int:
         """Move every message of ``source`` into ``target`` (flags and dates kept), then delete
-        ``source`` once it is empty; how many moved. Without MOVE: COPY, then delete."""
+        ``source`` once it is empty; how many moved.
+
+        Without MOVE (RFC 6851): COPY, then delete. A crash between the two leaves the copies in
+        ``target`` and the originals in ``source``, so before copying, the messages whose exact
+        bytes are already in ``target`` are left out: the next look finishes the move and
+        nothing is filed twice."""
         try:
             self.client.select_folder(source)
             uids = self.client.search("ALL")
             if uids and self.client.has_capability("MOVE"):
                 self.client.move(uids, target)
             elif uids:
-                self.client.copy(uids, target)
+                fresh = self._not_yet_in(target, source, uids)
+                if fresh:
+                    self.client.copy(fresh, target)
                 self.client.delete_messages(uids)
                 self.client.expunge()
             self.client.close_folder()  # nothing is left flagged \\Deleted to expunge
@@ -280,6 +304,29 @@ class CaseFolders:
             _reraise_abort(exc)
             raise CaseFolderError(f"cannot move {source!r} into {target!r}: {exc}") from exc
         return len(uids)
+
+    def _not_yet_in(self, target: str, source: str, uids: list[int]) -> list[int]:
+        """The ``uids`` of ``source`` (selected) whose bytes are not in ``target``; ``source`` is
+        selected again on return. Narrowed by size and Message-ID line, then compared by
+        digest, so only candidates are fetched whole."""
+        mine = _size_and_id(self.client.fetch(uids, _SIZE_AND_ID))
+        self.client.select_folder(target, readonly=True)
+        theirs = _size_and_id(self.client.fetch(self.client.search("ALL"), _SIZE_AND_ID))
+        shared = set(mine.values()) & set(theirs.values())
+        present: set[bytes] = set()
+        if shared:
+            present = set(_digests(self.client.fetch(
+                [uid for uid, key in theirs.items() if key in shared], ["BODY.PEEK[]"])).values())
+        self.client.select_folder(source)
+        if not shared:
+            return list(uids)
+        already = {uid for uid, digest in _digests(self.client.fetch(
+            [uid for uid, key in mine.items() if key in shared], ["BODY.PEEK[]"])).items()
+            if digest in present}
+        if already:
+            log.info("%d message(s) of %r already in %r (an interrupted move): not copied again",
+                     len(already), source, target)
+        return [uid for uid in uids if uid not in already]
 
     # -- filing --------------------------------------------------------------------------------
     def append(

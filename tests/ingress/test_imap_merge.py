@@ -103,3 +103,69 @@ def test_the_follower_looks_at_most_once_an_interval() -> None:
         now[0] = 1000.0 + step
         follower.maybe_run(Folders())  # type: ignore[arg-type]
     assert len(calls) == 3  # at 0, 61 and 122 s
+
+
+class _CrashAfterCopy(Exception):
+    """Stands for the process dying between COPY and the delete that follows it."""
+
+
+def test_a_move_interrupted_after_copy_is_finished_without_duplicates(
+        dovecot_without_move: Dovecot, memory_hub: MemoryHub) -> None:
+    """Without MOVE a folder moves by COPY, then delete: a crash in between leaves every
+    message in both folders, and the next look must not copy them again."""
+    from mailhub.cases.imap_folders import CaseFolders
+
+    dovecot = dovecot_without_move
+    a, b = make_message(SOURCE, "Jan Novak", "a"), make_message(SOURCE, "Jan Novak", "b")
+    d = make_message(INTO, "Jan Novak", "d")
+    drop(dovecot, a, d)
+    drop(dovecot, b, flags=(b"\\Flagged",))
+    assert ImapWatcher(settings_for(dovecot), memory_hub.ingest).run_once().filed == 3
+    source, into = f"Cases.{SOURCE} Jan Novak", f"Cases.{INTO} Jan Novak"
+
+    first = client_for(dovecot)
+    try:
+        def crash(*_args: object, **_kwargs: object) -> None:
+            raise _CrashAfterCopy
+
+        first.delete_messages = crash  # type: ignore[method-assign]
+        with pytest.raises(_CrashAfterCopy):
+            CaseFolders(first).move_all(source, into)
+    finally:
+        first.shutdown()  # the connection dies with the process
+    assert len(folder_bodies(dovecot, source)) == 2  # the originals are still there
+    assert len(folder_bodies(dovecot, into)) == 3  # and their copies already arrived
+
+    again = client_for(dovecot)  # after the restart: the next look
+    try:
+        assert CaseFolders(again).move_all(source, into) == 2
+    finally:
+        again.logout()
+    assert not _exists(dovecot, source)
+    assert sorted(folder_bodies(dovecot, into)) == sorted(
+        [PROTECTION + a, PROTECTION + b, PROTECTION + d])  # each once
+    assert b"\\Flagged" in _flags(dovecot, into)[PROTECTION + b]
+
+
+def test_a_message_equal_only_in_size_and_id_is_still_copied(
+        dovecot_without_move: Dovecot, memory_hub: MemoryHub) -> None:
+    """The check that skips copies compares whole messages: another message of the same size
+    with the same Message-ID in the target does not keep one from moving."""
+    from mailhub.cases.imap_folders import CaseFolders
+
+    dovecot = dovecot_without_move
+    a = make_message(SOURCE, "Jan Novak", "a")
+    twin = a.replace(b"Case notes a", b"Case notes z")  # same size, same Message-ID
+    assert len(twin) == len(a) and twin != a
+    drop(dovecot, a)
+    assert ImapWatcher(settings_for(dovecot), memory_hub.ingest).run_once().filed == 1
+    source, into = f"Cases.{SOURCE} Jan Novak", f"Cases.{INTO} Jan Novak"
+    c = client_for(dovecot)
+    try:
+        folders = CaseFolders(c)
+        folders.ensure(INTO, "Jan Novak")
+        c.append(into, PROTECTION + twin)
+        assert folders.move_all(source, into) == 1
+    finally:
+        c.logout()
+    assert sorted(folder_bodies(dovecot, into)) == sorted([PROTECTION + a, PROTECTION + twin])
