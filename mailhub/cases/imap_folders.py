@@ -154,8 +154,9 @@ def _size_and_id(fetched: dict[int, dict[bytes, Any]]) -> dict[int, tuple[int, b
 
 
 def _digests(fetched: dict[int, dict[bytes, Any]]) -> dict[int, bytes]:
-    return {uid: hashlib.sha256(item.get(b"BODY[]") or b"").digest()
-            for uid, item in fetched.items()}
+    """uid -> sha256 of the message as fetched whole (``BODY[]``), CRLF line endings."""
+    return {uid: hashlib.sha256(to_crlf(item[b"BODY[]"])).digest()
+            for uid, item in fetched.items() if item.get(b"BODY[]") is not None}
 
 
 class CaseFolders:
@@ -369,11 +370,7 @@ class CaseFolders:
         except IMAPClientError as exc:
             _reraise_abort(exc)
             raise CaseFolderError(f"cannot search IMAP folder {folder!r}: {exc}") from exc
-        for item in fetched.values():
-            body = item.get(b"BODY[]")
-            if body is not None and hashlib.sha256(to_crlf(body)).digest() == digest:
-                return True
-        return False
+        return digest in _digests(fetched).values()
 
     def file(
         self,
