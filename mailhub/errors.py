@@ -71,7 +71,7 @@ class NoRecipientKey(MailhubError):
         super().__init__(
             f"no usable encryption key for {recipient}: {reason}",
             hint="import the recipient's OpenPGP key or S/MIME certificate with "
-            "'mailhub keys import FILE', then 'mailhub queue release ID'",
+            "'mailhub keys import FILE'; the serving hub then sends the held message by itself",
         )
         self.recipient = recipient
         self.reason = reason

@@ -40,12 +40,13 @@ def hold_notice(*, from_addr: str, from_name: str, sender: str, recipient: str, 
         f"Reason: {reason}\n\n"
         "mailhub never sends case mail unencrypted. The copy for this recipient is held "
         f"(queue id {queue_id}); copies for your other recipients were handled separately.\n\n"
-        "What to do:\n"
+        "What to do when the reason is a missing or unusable key:\n"
         f"  1. Get {recipient}'s OpenPGP public key or S/MIME certificate and ask an\n"
         "     administrator to import it:  mailhub keys import FILE\n"
-        f"  2. Release the held copy:        mailhub queue release {queue_id}\n"
-        "     (or discard it:                mailhub queue drop "
-        f"{queue_id} --reason TEXT)\n\n"
+        "  2. Nothing more: once the key is imported, the hub sends the held copy encrypted\n"
+        "     by itself within seconds. An administrator can also release it at once:\n"
+        f"       mailhub queue release {queue_id}\n"
+        f"     or discard it:  mailhub queue drop {queue_id} --reason TEXT\n\n"
         "This notice contains none of the message's content.\n"
     )
     return msg

@@ -25,6 +25,14 @@ from mailhub.store import audit
 from mailhub.store.models import OutboundItem, Payload, utcnow
 
 log = logging.getLogger("mailhub.queue")
+_NOT_HELD_HINT = {
+    "queued": "it was already released and waits for delivery (a serving hub releases held "
+              "messages by itself once their recipient's key is imported)",
+    "sent": "it was already released and sent (a serving hub releases held messages by itself "
+            "once their recipient's key is imported)",
+    "failed": "it was dropped, or delivery gave up on it: 'mailhub queue list' shows why",
+    "": "only held messages can be released",
+}
 
 
 async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # type: ignore[no-untyped-def]
@@ -34,7 +42,7 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
             row = queue.get_item(session, item_id)
             if row.status != "held":
                 raise MailhubError(f"queue entry {item_id} is {row.status}, not held",
-                                   hint="only held messages can be released")
+                                   hint=_NOT_HELD_HINT.get(row.status, _NOT_HELD_HINT[""]))
             found = payloads.load_payloads(hub.engine, [row.payload_id or 0], hub.payload_files)
             sealed = found.get(row.payload_id or 0)
             if sealed is None:

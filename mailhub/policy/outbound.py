@@ -39,8 +39,9 @@ SOURCES = ("imported", "autocrypt")
 _KIND_NAME = {"openpgp": "OpenPGP key", "smime": "S/MIME certificate"}
 _METHOD_NAME = {"openpgp": "OpenPGP", "smime": "S/MIME"}
 WHAT_TO_DO = ("import the recipient's OpenPGP key or S/MIME certificate with "
-              "'mailhub keys import FILE', then send the held message with "
-              "'mailhub queue release ID'")
+              "'mailhub keys import FILE': the serving hub then sends the held message by "
+              "itself ('mailhub queue release' with its id from 'mailhub queue list' does it "
+              "at once)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def decide_recipient(ctx: RecipientContext, policy: Policy) -> OutboundDecision:
         trace.append(RuleHit("error", True, f"{type(exc).__name__}: {exc}"))
         return _hold(f"held: the policy could not be evaluated for {ctx.address!r} "
                      f"({type(exc).__name__}); nothing was sent. Check the rules and the key for "
-                     f"this recipient, then 'mailhub queue release ID'", trace)
+                     f"this recipient, then 'mailhub queue release' with its id from 'mailhub queue "
+                     "list'", trace)
 
 
 def _decide(ctx: RecipientContext, policy: Policy, trace: list[RuleHit]) -> OutboundDecision:
@@ -157,7 +159,8 @@ def _decide(ctx: RecipientContext, policy: Policy, trace: list[RuleHit]) -> Outb
         why = hold.reason or "no reason given"
         trace.append(RuleHit("hold-rule", True, f"{hold.source}: {why}"))
         return _hold(f"held for {addr} by a [[hold]] rule ({hold.source}: {why}); a coordinator "
-                     "checks it and sends it with 'mailhub queue release ID'", trace)
+                     "checks it and sends it with 'mailhub queue release' (its id is in 'mailhub queue "
+                     "list')", trace)
     trace.append(RuleHit("hold-rule", False, "no [[hold]] entry names it"))
 
     hub = normalize_domain(ctx.hub_domain)

@@ -169,8 +169,14 @@ def test_held_message_released_when_key_arrives(instance: Instance,
         code, _, err = instance.run("keys", "import", str(pub))
         assert code == 0, err
         wait_until(lambda: any(m.rcpt_tos == ["late@clinic-b.example"] for m in handler.messages))
+        notice = handler.messages[0].content  # it told the coordinator what would happen
+        assert f"mailhub queue release {held[0]['id']}".encode() in notice
+        assert b"by itself" in notice
     finally:
         running.stop()
+    # releasing by hand afterwards, as the notice allows, says it was done already
+    code, _, err = instance.run("queue", "release", str(held[0]["id"]))
+    assert code == 1 and "already released" in err and "Traceback" not in err
     # the released row carries its ciphertext; the held original is deleted, not orphaned
     released = payload_ids(instance)[held[0]["id"]]
     assert released is not None and released != held_copy

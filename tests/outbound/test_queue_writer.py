@@ -113,6 +113,7 @@ def test_several_jobs_in_one_transaction(hub: Hub) -> None:
         for n, held in zip(notices, (b1, b2), strict=True):
             text = _opened(hub, s, n.payload_id)
             assert f"queue id {held.id}".encode() in text and b"the original of b" not in text
+            assert f"mailhub queue release {held.id}".encode() in text and b"by itself" in text
             assert held.recipient.encode() in text
         assert _count(s, Payload) == 6  # 4 distinct data objects + 2 notices
 

@@ -136,7 +136,7 @@ def test_unusable_key_holds_with_reason(policy: Policy, why: str) -> None:
     d = decide(policy, "Patient@Mail.Example", pgp(usable=False, reason=why))
     assert d.action == "hold" and d.method is None and d.key_fingerprint is None
     assert "patient@mail.example" in d.reason and why in d.reason and FPR_PGP in d.reason
-    assert "mailhub keys import FILE" in d.reason and "mailhub queue release ID" in d.reason
+    assert "mailhub keys import FILE" in d.reason and "sends the held message by itself" in d.reason
     assert steps(d)[-1] == ("default-hold", True)
 
 
