@@ -104,7 +104,7 @@ class _BaseHandler:
             log.exception("unexpected error at DATA listener=%s", self.listener)
             return "451 4.3.0 Temporary problem processing the message; please try again later"
         log.info("accepted listener=%s spool_id=%s message_id=%s rcpts=%d", self.listener,
-                 spool_id, message_id, len(env.rcpt_tos))
+                 spool_id, message_id or "(none: the hub assigns one)", len(env.rcpt_tos))
         if self.on_spooled is not None:
             self.on_spooled(self.listener, spool_id)
         return f"250 2.0.0 Ok: queued as {spool_id}"

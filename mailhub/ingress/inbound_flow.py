@@ -20,6 +20,7 @@ from mailhub.crypto.protection import Protection
 from mailhub.outbound.queueing import QueueWriter, RowSpec
 from mailhub.parse.rawheaders import get_header
 from mailhub.spool.spool import SpooledMessage
+from mailhub.store.models import StoredMessage
 
 log = logging.getLogger("mailhub.cases")
 
@@ -56,6 +57,9 @@ class InboundFlow:
                 self.writer.write(session, source_id=sm.spool_id, message_id=message_id,
                                   sender=sm.envelope.mail_from, specs=specs,
                                   case_id=filed.case_id, actor="inbound")
+            if not message_id:  # the store gave it one: log that, so the lines join up
+                stored = session.get(StoredMessage, filed.message_pk)
+                message_id = stored.message_id if stored is not None else "(none)"
             session.commit()
         self.hub.spool.remove(sm.envelope.listener, sm.spool_id)
         log.info("filed message_id=%s case=%s encryption=%s signature=%s", message_id,

@@ -6,6 +6,7 @@ message with the hub's Mailhub-Protection header, and nothing of a refused messa
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -197,3 +198,24 @@ def test_autocrypt_key_learnt_and_used(inst: Instance, sink: tuple[SinkHandler, 
     assert b"Autocrypt: addr=coord@medvoyage.example" in wire
     armored = wire[wire.index(b"-----BEGIN PGP MESSAGE-----"):]
     assert b"See you on the 3rd" in gpg(home, "--decrypt", data=armored).stdout
+
+
+def test_a_message_without_message_id_is_logged_under_the_id_the_hub_gives_it(
+        inst: Instance, relay: SinkHandler, caplog: pytest.LogCaptureFixture) -> None:
+    """Decision lines carry the Message-ID; when the sender gave none, the lines name the one
+    the case store assigned (and say at acceptance that one will be assigned), not an empty id."""
+    caplog.set_level(logging.INFO, logger="mailhub")
+    hub = RunningHub(inst.config).start()
+    try:
+        patient = (b"From: ana@example.org\r\nTo: intake@medvoyage.example\r\n"
+                   b"Subject: hello\r\n\r\nWhen is my surgery?\r\n")
+        code, _ = send_raw(inst.inbound_port, "ana@example.org", HUB_ADDR, patient)
+        assert code == 250
+        relay.wait_for(1)
+    finally:
+        hub.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    accepted = [x for x in lines if x.startswith("accepted listener=inbound")]
+    filed = [x for x in lines if x.startswith("filed message_id=")]
+    assert accepted and "message_id=(none: the hub assigns one)" in accepted[0]
+    assert filed and filed[0].startswith("filed message_id=<assigned.")
