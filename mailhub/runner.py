@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mailhub.app import Hub
 from mailhub.crypto.engine import CryptoEngine
+from mailhub.crypto.openpgp_ops import kill_agent
 from mailhub.deliver import queue
 from mailhub.deliver.retention import PayloadSweeper
 from mailhub.deliver.worker import DeliveryWorker
@@ -265,6 +266,9 @@ class Server:
         if self.hub.payload_files is not None:
             self.hub.payload_files.close()
         self.crypto.close()
+        # the gpg-agent that signing started would otherwise outlive the hub (gpg starts it
+        # again when the next command needs it)
+        await asyncio.to_thread(kill_agent, str(self.hub.keys.gnupg_home))
 
     async def serve_forever(self) -> None:
         await self.start()

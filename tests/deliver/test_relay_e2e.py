@@ -7,6 +7,7 @@ what the hub sends, they decrypt to what was sent and find the hub's valid signa
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import ssl
 import subprocess
@@ -40,6 +41,19 @@ def make_recipient(tmp: Path, address: str) -> tuple[Path, Path]:
     pub = tmp / f"{address}.asc"
     pub.write_bytes(gpg(home, "--armor", "--export", address).stdout)
     return home, pub
+
+
+def agents_of(home: Path) -> list[int]:
+    """The pids of gpg-agents running for a GNUPGHOME (from their command lines)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"gpg-agent") and str(home).encode() in argv:
+            found.append(int(pid))
+    return found
 
 
 def add_user(instance: Instance) -> None:
@@ -174,6 +188,7 @@ def test_held_message_released_when_key_arrives(instance: Instance,
         assert b"by itself" in notice
     finally:
         running.stop()
+    assert not agents_of(instance.config.parent / "keys" / "gnupg")  # it went with the hub
     # releasing by hand afterwards, as the notice allows, says it was done already
     code, _, err = instance.run("queue", "release", str(held[0]["id"]))
     assert code == 1 and "already released" in err and "Traceback" not in err
