@@ -97,11 +97,15 @@ def cmd_run_due(args: argparse.Namespace) -> int:
 
 
 def cmd_recompute(args: argparse.Namespace) -> int:
+    """Recompute one case, or every open one. With every case, one that cannot be scheduled (a
+    missing care plan, a bad zone) is reported and the others are still recomputed, each in a
+    savepoint of its own; the exit status is 1 if any failed."""
     from mailhub.scheduler.ledger import TERMINAL_CASE_STATUSES, reschedule_case
     from mailhub.store.models import Case
 
     hub = hub_from(args)
-    results = []
+    results: list[dict[str, Any]] = []
+    failed = 0
     with Session(hub.engine) as session:
         if args.case:
             ids = [args.case]
@@ -109,7 +113,16 @@ def cmd_recompute(args: argparse.Namespace) -> int:
             ids = list(session.scalars(select(Case.id).where(
                 Case.status.not_in(TERMINAL_CASE_STATUSES))))  # type: ignore[attr-defined]
         for case_id in ids:
-            r = reschedule_case(session, hub, case_id, actor="cli")
+            if args.case:  # the one case asked for: its error is the command's error
+                r = reschedule_case(session, hub, case_id, actor="cli")
+            else:
+                try:
+                    with session.begin_nested():
+                        r = reschedule_case(session, hub, case_id, actor="cli")
+                except MailhubError as exc:
+                    failed += 1
+                    results.append({"case": case_id, "error": exc.message, "hint": exc.hint or ""})
+                    continue
             results.append({"case": r.case_id, "plan": r.plan, "inserted": list(r.inserted),
                             "updated": list(r.updated), "deleted": list(r.deleted),
                             "cancelled": list(r.cancelled)})
@@ -118,9 +131,13 @@ def cmd_recompute(args: argparse.Namespace) -> int:
         print_json(results)
     else:
         for r in results:
+            if "error" in r:
+                print(f"{r['case']}: not recomputed: {r['error']}"
+                      + (f" (hint: {r['hint']})" if r["hint"] else ""))
+                continue
             print(f"{r['case']}: {len(r['inserted'])} new, {len(r['updated'])} moved, "
                   f"{len(r['deleted'])} removed, {len(r['cancelled'])} cancelled")
-    return 0
+    return 1 if failed else 0
 
 
 def _preview_context(session: Session, hub: Any, case_id: str, step_id: str

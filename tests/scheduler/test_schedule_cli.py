@@ -219,3 +219,28 @@ def test_new_user_flow_with_the_case_commands(instance: Instance,
     assert got["fasting-instructions"] == ("2027-04-09T18:00:00+03:00", "pending")
     assert cli(instance, capsys, "cases", "set", case_id, "status=closed")[0] == 0
     assert {status for _, status in local_times().values()} == {"cancelled"}
+
+
+def test_recompute_of_every_case_reports_a_broken_one_and_does_the_rest(
+        instance: Instance, hub: Hub, capsys: pytest.CaptureFixture[str]) -> None:
+    """One open case naming a care plan that does not exist must not keep every other case
+    from being recomputed (the command the README says to run after editing a plan)."""
+    with Session(hub.engine) as session:
+        for case_id, plan in (("MT-2027-0051", "e2e-plan"), ("MT-2027-0052", "no-such-plan"),
+                              ("MT-2027-0053", "e2e-plan")):
+            case = make_case(session, case_id, plan=plan, home_tz="Europe/Berlin")
+            case.procedure_at = datetime(2027, 3, 28, 6, 0, tzinfo=UTC)
+            session.add(case)
+        session.commit()
+    code, out, err = cli(instance, capsys, "schedule", "recompute", "--json")
+    assert code == 1 and "Traceback" not in err
+    by_case = {r["case"]: r for r in json.loads(out)}
+    assert set(by_case) == {"MT-2027-0051", "MT-2027-0052", "MT-2027-0053"}
+    assert "no-such-plan" in by_case["MT-2027-0052"]["error"]
+    assert by_case["MT-2027-0052"]["hint"]
+    for ok in ("MT-2027-0051", "MT-2027-0053"):
+        assert by_case[ok]["plan"] == "e2e-plan" and by_case[ok]["inserted"]
+    code, out, _ = cli(instance, capsys, "schedule", "list", "--json")
+    assert {r["case"] for r in json.loads(out)} == {"MT-2027-0051", "MT-2027-0053"}
+    code, out, _ = cli(instance, capsys, "schedule", "recompute")
+    assert code == 1 and "MT-2027-0052: not recomputed:" in out and "MT-2027-0051: 0 new" in out
