@@ -84,7 +84,7 @@ def configure(level: str | int, *, debug: bool = False) -> BatchingStreamHandler
     """Set up the root logger of a serving process (the parent or a submission child).
 
     Below DEBUG, aiosmtpd's own lines are kept to warnings (its five INFO lines per message cost
-    more CPU than receiving the message), and records skip what the format never shows: the
+    more CPU than receiving the message), so are alembic's and apscheduler's, and records skip what the format never shows: the
     calling file and line, thread, process names."""
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -96,6 +96,11 @@ def configure(level: str | int, *, debug: bool = False) -> BatchingStreamHandler
     root.setLevel(level)
     if not debug and root.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
+        # libraries' start-up chatter (alembic's plugin set-up, apscheduler's job bookkeeping at
+        # every wake-up) says nothing about mail: mailhub.store and mailhub.scheduler log what
+        # matters, and --debug shows it all
+        for noisy in ("alembic", "apscheduler"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         # documented switches (Logging HOWTO, "Optimization") for fields the format omits
         logging.logThreads = False
         logging.logProcesses = False

@@ -96,3 +96,22 @@ def test_lines_waiting_at_exit_are_written() -> None:
                          timeout=60, check=True)
     assert out.stderr.rstrip().endswith("INFO mailhub.t: bye")
     assert FORMAT.startswith("%(asctime)s")
+
+
+def test_library_start_up_chatter_stays_out_of_the_log_unless_debugging(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A serving process upgrades its database with alembic at start: its plugin set-up lines
+    are noise at INFO, and come back with --debug."""
+    code = (
+        "import sys\n"
+        "from sqlalchemy import create_engine\n"
+        "from mailhub.logging_setup import configure\n"
+        "from mailhub.store.db import migrate\n"
+        "configure('INFO', debug=sys.argv[2] == 'debug')\n"
+        "migrate(create_engine('sqlite:///' + sys.argv[1]))\n"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.db"), "info"],
+                           capture_output=True, text=True, timeout=120, check=True)
+    loud = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.db"), "debug"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "alembic" in loud.stderr  # the lines exist: the level is what keeps them out
+    assert "alembic" not in quiet.stderr
