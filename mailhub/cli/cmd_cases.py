@@ -89,7 +89,7 @@ def cmd_open(args: argparse.Namespace) -> int:
                          language=args.language, procedure=args.procedure, clinic=args.clinic,
                          coordinator=args.coordinator, status=args.status, actor=actor())
         session.commit()
-    _notes(_plan_notes(hub, args.procedure))
+    _notes(_plan_notes(hub, args.procedure) + _language_notes(hub, args.language))
     if args.json:
         print_json({"id": case.id})
     else:
@@ -113,6 +113,22 @@ def _plan_notes(hub: Any, procedure: str) -> list[str]:
     return [f"no care plan named {procedure!r} (known: {known}); nothing will be scheduled"]
 
 
+def _language_notes(hub: Any, language: str) -> list[str]:
+    """A note when no template speaks the patient's language: they will get English (the case
+    is opened or changed anyway, as ``templates preview`` shows the same fallback)."""
+    from mailhub.outbound.render import FALLBACK_LANGUAGE, TemplateRenderer
+
+    wanted = (language or "").strip().lower()
+    if not wanted:
+        return []
+    spoken = {lang for langs in TemplateRenderer(hub.config.hub.templates_dir).templates().values()
+              for lang in langs}
+    if wanted in spoken or wanted.split("-")[0] in spoken or not spoken:
+        return []
+    return [f"no templates in language {language!r} (there are: {', '.join(sorted(spoken))}); "
+            f"this patient's scheduled messages will be in {FALLBACK_LANGUAGE!r}"]
+
+
 def cmd_set(args: argparse.Namespace) -> int:
     from mailhub.cases.service import set_fields
 
@@ -123,6 +139,8 @@ def cmd_set(args: argparse.Namespace) -> int:
     _notes(result.notes)
     if "procedure" in result.changed:
         _notes(_plan_notes(hub, str(result.changed["procedure"])))
+    if "language" in result.changed:
+        _notes(_language_notes(hub, str(result.changed["language"])))
     if args.json:
         print_json({"id": result.case_id, "changed": result.changed,
                     "schedule_error": result.schedule_error})

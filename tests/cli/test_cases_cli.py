@@ -90,6 +90,23 @@ def test_open_prints_the_id_alone(run: Run) -> None:
     assert json.loads(out)["id"].endswith("-0002")
 
 
+def test_a_language_no_template_speaks_is_a_note_naming_the_fallback(run: Run) -> None:
+    """Opening or changing a case to a language without templates works, and says the patient's
+    scheduled messages will be in English; a language with templates, or its region, says
+    nothing."""
+    code, out, err = run("cases", "open", "--patient-name", "K", "--patient-email",
+                         "k@patient.example", "--timezone", "Asia/Seoul", "--language", "ko",
+                         "--procedure", "hip-replacement", "--clinic", "X")
+    assert code == 0 and "no templates in language 'ko'" in err and "'en'" in err
+    assert "es" in err.split("there are:")[1]  # names the languages there are
+    case_id = out.strip()
+    for lang in ("de", "es-MX"):
+        code, _, err = run("cases", "set", case_id, f"language={lang}")
+        assert code == 0 and "no templates" not in err, err
+    code, _, err = run("cases", "set", case_id, "language=xx")
+    assert code == 0 and "no templates in language 'xx'" in err
+
+
 def test_unknown_care_plan_is_a_note_not_an_error(run: Run) -> None:
     code, out, err = run("cases", "open", "--patient-name", "C", "--patient-email",
                          "c@patient.example", "--timezone", "UTC", "--language", "en",
