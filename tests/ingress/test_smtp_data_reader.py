@@ -16,8 +16,8 @@ from email import message_from_bytes, policy
 import pytest
 from aiosmtpd.smtp import SMTP
 
+from mailhub.ingress.smtp_replies import _REWRITES
 from mailhub.ingress.smtp_server import (
-    _REWRITES,
     TOO_LONG_REPLY,
     TOO_MUCH_REPLY,
     DataBody,
