@@ -3,7 +3,8 @@
 aiosmtpd answers some errors with bare codes ("500 Line too long"); a mail client's user deserves
 an enhanced status code and a sentence that says what to do, so ``push`` rewrites those replies
 (``smtp_replies.rewrite_reply``).
-AUTH is delayed per client address after repeated failures (``FailureThrottle``).
+AUTH is delayed per client address after repeated failures (``FailureThrottle``). STARTTLS
+inside TLS is refused, and a failed TLS handshake is logged in one line (``HubSMTP``).
 
 Receiving is the submission process's hot path, so two aiosmtpd steps are done more cheaply with
 the same results: DATA is read in blocks (``read_data``, not one ``readuntil`` a line) and a plain
@@ -19,7 +20,14 @@ import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    TLSSetupException,
+    syntax,
+)
 
 from mailhub.ingress.auth import FailureThrottle
 from mailhub.ingress.smtp_replies import rewrite_reply
@@ -199,6 +207,31 @@ class HubSMTP(SMTP):
             status = rewrite_reply(status)
         await super().push(status)
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, refused once TLS is active (RFC 3207 4.2).
+
+        aiosmtpd would build a second ``SSLProtocol`` over the first one's transport; when that
+        handshake fails, Python 3.11's ``_SSLProtocolTransport._force_close`` calls
+        ``SSLProtocol._abort(exc)``, which takes no argument since 3.11's sslproto rewrite: a
+        TypeError traceback from asyncio on top of aiosmtpd's own."""
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failed TLS handshake (untrusted certificate, plaintext after 220, a hang-up) is the
+        client's doing, not a bug: one line, no traceback. aiosmtpd then closes the connection
+        without a reply; anything else goes to aiosmtpd (traceback logged, 500 reply)."""
+        if isinstance(error, TLSSetupException):
+            log.info("TLS handshake failed listener=%s peer=%s: %s; connection closed",
+                     getattr(self.event_handler, "listener", "smtp"),
+                     _peer_text(self.session.peer if self.session else None),
+                     _tls_failure(error.__cause__))
+            return "454 4.7.0 TLS handshake failed"  # not sent: the connection is closed
+        return await super().handle_exception(error)
+
     @syntax("AUTH <mechanism>")  # as aiosmtpd's: HELP reads it from the method
     async def smtp_AUTH(self, arg: str) -> None:
         if self.throttle is not None and self.session is not None:
@@ -292,6 +325,21 @@ def fast_getaddr(arg: str) -> tuple[str, str] | None:
     if rest[:1] == "(":
         return None
     return m.group(1), rest
+
+
+def _tls_failure(cause: BaseException | None) -> str:
+    """Why a handshake failed, in words (a hang-up's ConnectionResetError has none)."""
+    if cause is None:
+        return "unknown reason"
+    if isinstance(cause, ConnectionResetError) and not str(cause):
+        return "the client closed the connection"
+    return " ".join(str(cause).split()) or type(cause).__name__
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 def _client_ip(peer: Any) -> str:

@@ -13,20 +13,10 @@ import time
 
 import pytest
 
-from tests.conftest import Instance, RunningHub
-from tests.deliver.test_relay_e2e import COORD, PASSWORD, add_user
+from tests.conftest import Instance
+from tests.deliver.test_relay_e2e import COORD, PASSWORD
 
 HUB = "intake@medvoyage.example"
-
-
-@pytest.fixture
-def served(instance: Instance):  # type: ignore[no-untyped-def]
-    add_user(instance)
-    hub = RunningHub(instance.config).start()
-    try:
-        yield instance
-    finally:
-        hub.stop()
 
 
 def tls() -> ssl.SSLContext:
