@@ -25,6 +25,7 @@ from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
     LoginPassword,
+    Session,
     TLSSetupException,
     syntax,
 )
@@ -194,6 +195,19 @@ def _line_dots(before: bytes, scan: bytes) -> Iterator[int]:
         yield match.end() - 1
 
 
+class HubSession(Session):
+    """aiosmtpd's Session, quiet when aiosmtpd itself sets the deprecated ``login_data``.
+
+    aiosmtpd 1.4's smtp_AUTH sets ``session.login_data`` on every successful AUTH, and that
+    property logs "Session.login_data is deprecated" at WARNING on mail.log: a warning per
+    login that no code of ours causes (we read ``auth_data``). Only the setter is quiet here;
+    reading ``login_data`` still warns."""
+
+    @Session.login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class HubSMTP(SMTP):
     """SMTP with enhanced status codes and an AUTH failure throttle."""
 
@@ -201,6 +215,9 @@ class HubSMTP(SMTP):
                  **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.throttle = throttle
+
+    def _create_session(self) -> Session:
+        return HubSession(self.loop)
 
     async def push(self, status: Any) -> None:  # type: ignore[override]
         if isinstance(status, str):

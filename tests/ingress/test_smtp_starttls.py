@@ -2,8 +2,8 @@
 
 A client that gives up on the TLS handshake is routine (an untrusted certificate, a client that
 talks plaintext after 220): it must cost one log line naming the peer and the reason, never a
-traceback, and the listener must go on serving. STARTTLS inside TLS is refused. The hub serves
-in this process, so its records reach ``caplog``.
+traceback, and the listener must go on serving. STARTTLS inside TLS is refused. A successful
+AUTH logs nothing at WARNING. The hub serves in this process, so its records reach ``caplog``.
 """
 
 from __future__ import annotations
@@ -126,3 +126,19 @@ def test_starttls_inside_tls_refused(served: Instance, caplog: pytest.LogCapture
     assert submit_one(served).startswith(b"2.0.0")
     assert_no_traceback(caplog)
 
+
+def test_successful_auth_logs_no_warning(served: Instance,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with smtplib.SMTP("127.0.0.1", served.submission_port, timeout=30) as s:
+        s.starttls(context=no_verify())
+        assert s.login(COORD, PASSWORD)[0] == 235
+        assert s.noop()[0] == 250
+    deadline = time.monotonic() + 2  # the server's side of QUIT is logged after the reply
+    while time.monotonic() < deadline and not any(
+            "connection lost" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    assert any(r.name == "mail.log" and "AUTH" in r.getMessage() for r in caplog.records)
+    warned = [f"{r.name}: {r.getMessage()}" for r in caplog.records
+              if r.levelno >= logging.WARNING]
+    assert warned == []
