@@ -262,7 +262,9 @@ def test_rewrite_reply_same_as_scanning_every_rule() -> None:
                "501 Syntax: MAIL FROM: <address>", "501 Not enough value", "501 Too many values",
                "503 Already authenticated", "500 Error: strict ASCII mode",
                "554 Command refused due to lack of security", "250 OK", "354 End data", "", "5",
-               "250 2.0.0 Ok: queued as 1"]
+               "250 2.0.0 Ok: queued as 1", "500 Error: bad syntax", "221 Bye", "250 OK x",
+               "500 Error: (IndexError) list index out of range", "220 Ready to start TLS",
+               "220 medvoyage.example mailhub ESMTP", "501 Error: SMTPUTF8 disabled"]
     for status in samples:
         assert rewrite_reply(status) == linear(status), status
     assert rewrite_reply(TOO_MUCH_REPLY).startswith("552 5.3.4 ")
