@@ -8,7 +8,7 @@ inside TLS is refused, and a failed TLS handshake is logged in one line (``HubSM
 
 Receiving is the submission process's hot path, so two aiosmtpd steps are done more cheaply with
 the same results: DATA is read in blocks (``read_data``, not one ``readuntil`` a line) and a plain
-``<local@domain>`` address skips the RFC 5322 parser (``fast_getaddr``).
+``<local@domain>`` address skips the RFC 5322 parser (``smtp_addresses.fast_getaddr``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from aiosmtpd.smtp import (
 )
 
 from mailhub.ingress.auth import FailureThrottle
+from mailhub.ingress.smtp_addresses import fast_getaddr
 from mailhub.ingress.smtp_replies import rewrite_reply
 
 log = logging.getLogger("mailhub.smtp")
@@ -260,9 +261,15 @@ class HubSMTP(SMTP):
         await super().smtp_AUTH(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing; (None, None), a malformed address, where the email
+        package's parser itself fails (``MAIL FROM:<`` raises IndexError in Python 3.11; others
+        raise AttributeError or UnboundLocalError), rather than a traceback and a 500 reply."""
         fast = fast_getaddr(arg)
         if fast is None:
-            return super()._getaddr(arg)
+            try:
+                return super()._getaddr(arg)
+            except Exception:  # noqa: BLE001 - any failure of the parser: not an address
+                return None, None
         local = fast[0].rpartition("@")[0]
         if self.local_part_limit and len(local) > self.local_part_limit:
             return None, None
@@ -318,30 +325,6 @@ class HubSMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
-
-
-# atext (RFC 5322 3.2.3), ASCII only: anything else goes to aiosmtpd's full parser
-_DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_PLAIN_ANGLE_ADDR = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
-
-
-def fast_getaddr(arg: str) -> tuple[str, str] | None:
-    """aiosmtpd's ``_getaddr`` result for a plain ``<local@domain> [params]``, else None.
-
-    ``email._header_value_parser`` costs ~0.1 ms an address; for a dot-atom local part and
-    domain it returns the address as written and the parameters with leading whitespace
-    stripped. Anything else (quotes, comments, encoded words, non-ASCII...) returns None so
-    that the full parser decides.
-    """
-    m = _PLAIN_ANGLE_ADDR.match(arg)
-    if m is None or "=?" in m.group(1):
-        return None
-    rest = arg[m.end():]
-    if rest[:1] in (" ", "\t"):
-        rest = rest.lstrip()
-    if rest[:1] == "(":
-        return None
-    return m.group(1), rest
 
 
 def _tls_failure(cause: BaseException | None) -> str:
