@@ -1,12 +1,14 @@
 """aiosmtpd's SMTP protocol, with enhanced status codes everywhere and slowed AUTH failures.
 
 aiosmtpd answers some errors with bare codes ("500 Line too long"); a mail client's user deserves
-an enhanced status code and a sentence that says what to do, so ``push`` rewrites those replies.
-AUTH is delayed per client address after repeated failures (``FailureThrottle``).
+an enhanced status code and a sentence that says what to do, so ``push`` rewrites those replies
+(``smtp_replies.rewrite_reply``).
+AUTH is delayed per client address after repeated failures (``FailureThrottle``). STARTTLS
+inside TLS is refused, and a failed TLS handshake is logged in one line (``HubSMTP``).
 
 Receiving is the submission process's hot path, so two aiosmtpd steps are done more cheaply with
 the same results: DATA is read in blocks (``read_data``, not one ``readuntil`` a line) and a plain
-``<local@domain>`` address skips the RFC 5322 parser (``fast_getaddr``).
+``<local@domain>`` address skips the RFC 5322 parser (``smtp_addresses.fast_getaddr``).
 """
 
 from __future__ import annotations
@@ -18,55 +20,21 @@ import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from mailhub.ingress.auth import FailureThrottle
+from mailhub.ingress.smtp_addresses import fast_getaddr
+from mailhub.ingress.smtp_replies import rewrite_reply
 
 log = logging.getLogger("mailhub.smtp")
-
-# aiosmtpd's own reply texts -> replies with enhanced status codes and advice.
-_REWRITES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"^500 Line too long"),
-     "500 5.5.2 Line too long: RFC 5321 allows at most 1000 characters per line; "
-     "fold long header lines or use a transfer encoding"),
-    (re.compile(r"^500 Command line too long"), "500 5.5.2 Command line too long"),
-    (re.compile(r"^552 Error: Too much mail data"),
-     "552 5.3.4 Message too big for this server: send a smaller message or share the "
-     "file another way"),
-    (re.compile(r"^530 5\.7\.0 Authentication required"),
-     "530 5.7.0 Authentication required: log in with your coordinator account"),
-    (re.compile(r"^530 Must issue a STARTTLS command first"),
-     "530 5.7.0 Must issue a STARTTLS command first"),
-    (re.compile(r"^500 Error: command \"(.*)\" not recognized"),
-     r"500 5.5.1 Command \1 not recognized"),
-    (re.compile(r"^503 Error: need MAIL command"), "503 5.5.1 Send MAIL FROM first"),
-    (re.compile(r"^503 Error: need RCPT command"), "503 5.5.1 Send RCPT TO first"),
-    (re.compile(r"^503 Error: nested MAIL command"), "503 5.5.1 Nested MAIL command"),
-    (re.compile(r"^503 Error: send HELO first"), "503 5.5.1 Send EHLO first"),
-    (re.compile(r"^501 Syntax: (.*)"), r"501 5.5.4 Syntax: \1"),
-    (re.compile(r"^501 Not enough value"), "501 5.5.4 AUTH needs a mechanism"),
-    (re.compile(r"^501 Too many values"), "501 5.5.4 Too many AUTH arguments"),
-    (re.compile(r"^503 Already authenticated"), "503 5.5.1 Already authenticated"),
-    (re.compile(r"^500 Error: strict ASCII mode"),
-     "500 5.6.7 Non-ASCII data without SMTPUTF8/8BITMIME"),
-    (re.compile(r"^554 Command refused"), "554 5.7.0 Command refused"),
-]
-
-
-# Every pattern starts with its literal reply code: look only at the ones for this reply's code
-# (most replies, 250/354/235, have none).
-_REWRITES_BY_CODE: dict[str, list[tuple[re.Pattern[str], str]]] = {}
-for _pattern, _replacement in _REWRITES:
-    _REWRITES_BY_CODE.setdefault(_pattern.pattern[1:4], []).append((_pattern, _replacement))
-
-
-def rewrite_reply(status: str) -> str:
-    """aiosmtpd's reply text -> ours with an enhanced status code (unknown replies unchanged)."""
-    for pattern, replacement in _REWRITES_BY_CODE.get(status[:3], ()):
-        if pattern.search(status):
-            return pattern.sub(replacement, status, count=1)
-    return status
-
 
 _LINE_DOT = re.compile(rb"\r\n\.")  # a dot that starts a line: the end of DATA, or stuffing
 TOO_LONG_REPLY = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's texts (rewritten)
@@ -228,6 +196,19 @@ def _line_dots(before: bytes, scan: bytes) -> Iterator[int]:
         yield match.end() - 1
 
 
+class HubSession(Session):
+    """aiosmtpd's Session, quiet when aiosmtpd itself sets the deprecated ``login_data``.
+
+    aiosmtpd 1.4's smtp_AUTH sets ``session.login_data`` on every successful AUTH, and that
+    property logs "Session.login_data is deprecated" at WARNING on mail.log: a warning per
+    login that no code of ours causes (we read ``auth_data``). Only the setter is quiet here;
+    reading ``login_data`` still warns."""
+
+    @Session.login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class HubSMTP(SMTP):
     """SMTP with enhanced status codes and an AUTH failure throttle."""
 
@@ -236,10 +217,38 @@ class HubSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self.throttle = throttle
 
+    def _create_session(self) -> Session:
+        return HubSession(self.loop)
+
     async def push(self, status: Any) -> None:  # type: ignore[override]
         if isinstance(status, str):
             status = rewrite_reply(status)
         await super().push(status)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, refused once TLS is active (RFC 3207 4.2).
+
+        aiosmtpd would build a second ``SSLProtocol`` over the first one's transport; when that
+        handshake fails, Python 3.11's ``_SSLProtocolTransport._force_close`` calls
+        ``SSLProtocol._abort(exc)``, which takes no argument since 3.11's sslproto rewrite: a
+        TypeError traceback from asyncio on top of aiosmtpd's own."""
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failed TLS handshake (untrusted certificate, plaintext after 220, a hang-up) is the
+        client's doing, not a bug: one line, no traceback. aiosmtpd then closes the connection
+        without a reply; anything else goes to aiosmtpd (traceback logged, 500 reply)."""
+        if isinstance(error, TLSSetupException):
+            log.info("TLS handshake failed listener=%s peer=%s: %s; connection closed",
+                     getattr(self.event_handler, "listener", "smtp"),
+                     _peer_text(self.session.peer if self.session else None),
+                     _tls_failure(error.__cause__))
+            return "454 4.7.0 TLS handshake failed"  # not sent: the connection is closed
+        return await super().handle_exception(error)
 
     @syntax("AUTH <mechanism>")  # as aiosmtpd's: HELP reads it from the method
     async def smtp_AUTH(self, arg: str) -> None:
@@ -252,9 +261,15 @@ class HubSMTP(SMTP):
         await super().smtp_AUTH(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing; (None, None), a malformed address, where the email
+        package's parser itself fails (``MAIL FROM:<`` raises IndexError in Python 3.11; others
+        raise AttributeError or UnboundLocalError), rather than a traceback and a 500 reply."""
         fast = fast_getaddr(arg)
         if fast is None:
-            return super()._getaddr(arg)
+            try:
+                return super()._getaddr(arg)
+            except Exception:  # noqa: BLE001 - any failure of the parser: not an address
+                return None, None
         local = fast[0].rpartition("@")[0]
         if self.local_part_limit and len(local) > self.local_part_limit:
             return None, None
@@ -312,28 +327,19 @@ class HubSMTP(SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
 
-# atext (RFC 5322 3.2.3), ASCII only: anything else goes to aiosmtpd's full parser
-_DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_PLAIN_ANGLE_ADDR = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
+def _tls_failure(cause: BaseException | None) -> str:
+    """Why a handshake failed, in words (a hang-up's ConnectionResetError has none)."""
+    if cause is None:
+        return "unknown reason"
+    if isinstance(cause, ConnectionResetError) and not str(cause):
+        return "the client closed the connection"
+    return " ".join(str(cause).split()) or type(cause).__name__
 
 
-def fast_getaddr(arg: str) -> tuple[str, str] | None:
-    """aiosmtpd's ``_getaddr`` result for a plain ``<local@domain> [params]``, else None.
-
-    ``email._header_value_parser`` costs ~0.1 ms an address; for a dot-atom local part and
-    domain it returns the address as written and the parameters with leading whitespace
-    stripped. Anything else (quotes, comments, encoded words, non-ASCII...) returns None so
-    that the full parser decides.
-    """
-    m = _PLAIN_ANGLE_ADDR.match(arg)
-    if m is None or "=?" in m.group(1):
-        return None
-    rest = arg[m.end():]
-    if rest[:1] in (" ", "\t"):
-        rest = rest.lstrip()
-    if rest[:1] == "(":
-        return None
-    return m.group(1), rest
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 def _client_ip(peer: Any) -> str:

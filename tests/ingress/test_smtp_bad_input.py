@@ -6,6 +6,7 @@ After each abuse the listener must still serve a normal conversation.
 from __future__ import annotations
 
 import base64
+import logging
 import smtplib
 import socket
 import ssl
@@ -13,20 +14,10 @@ import time
 
 import pytest
 
-from tests.conftest import Instance, RunningHub
-from tests.deliver.test_relay_e2e import COORD, PASSWORD, add_user
+from tests.conftest import Instance
+from tests.deliver.test_relay_e2e import COORD, PASSWORD
 
 HUB = "intake@medvoyage.example"
-
-
-@pytest.fixture
-def served(instance: Instance):  # type: ignore[no-untyped-def]
-    add_user(instance)
-    hub = RunningHub(instance.config).start()
-    try:
-        yield instance
-    finally:
-        hub.stop()
 
 
 def tls() -> ssl.SSLContext:
@@ -142,3 +133,23 @@ def test_submission_sender_must_be_ours_and_recipient_valid(served: Instance) ->
         assert s.mail(COORD)[0] == 250
         code, text = s.rcpt("not an address")
         assert code in (501, 553)
+
+
+def test_addresses_that_break_the_email_parser(served: Instance,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """``<`` and ``a@`` make the email package's address parser raise (IndexError): a
+    malformed-address reply, not a traceback."""
+    caplog.set_level(logging.INFO)
+    with smtplib.SMTP("127.0.0.1", served.inbound_port, timeout=30) as s:
+        s.ehlo()
+        for address in ("<", "a@", '"'):
+            code, text = s.docmd(f"MAIL FROM:{address}")
+            assert (code, text[:6]) == (553, b"5.1.3 "), (address, code, text)
+            code, text = s.docmd(f"VRFY {address}")
+            assert (code, text[:6]) == (502, b"5.1.3 "), (address, code, text)
+        assert s.mail("a@example.org")[0] == 250
+        code, text = s.docmd("RCPT TO:a@")
+        assert (code, text[:6]) == (553, b"5.1.3 "), (code, text)
+    still_serves(served)
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] \
+        == []

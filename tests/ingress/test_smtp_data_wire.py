@@ -233,4 +233,4 @@ def test_help_and_out_of_order_data_as_aiosmtpd(servers: Servers) -> None:
             client.close()
     hub, stock = answers
     assert hub == [rewrite_reply(r) for r in stock]
-    assert hub[3] == "250 Syntax: DATA"
+    assert hub[3] == "250 2.0.0 Syntax: DATA"  # HELP reads the syntax from our smtp_DATA
