@@ -188,22 +188,23 @@ class _Section:
                     hint="see config.example.toml for the keys this version reads",
                 )
 
-    def _get(self, key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+    def _get(self, key: str, default: Any, kind: type) -> Any:
         value = self.data.get(key, default)
-        if kind is int and isinstance(value, bool):
-            raise ConfigError(f"[{self.name}].{key} must be a whole number, not {value!r}")
-        if not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ConfigError(f"[{self.name}].{key} must be a {expected}, not {value!r}")
+        # bool is an int in Python, but `workers = true` is not a number in a config file
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = _KIND_WORDS.get(kind, f"a {kind.__name__}")
+            raise ConfigError(f"[{self.name}].{key} must be {expected}, not {value!r}")
         return value
 
     def str(self, key: str, default: str = "") -> str:
         return self._get(key, default, str).strip()
 
-    def int(self, key: str, default: int, minimum: int = 0) -> int:
+    def int(self, key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
         value = self._get(key, default, int)
         if value < minimum:
             raise ConfigError(f"[{self.name}].{key} must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"[{self.name}].{key} must be at most {maximum}, not {value}")
         return value
 
     def bool(self, key: str, default: bool) -> bool:
@@ -227,10 +228,14 @@ class _Section:
 
 
 def parse_hostport(value: str, where: str) -> HostPort:
-    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", value.strip())
-    if not m or not 0 <= int(m.group(2)) <= 65535:
+    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d+)", value.strip())
+    if not m:
         raise ConfigError(f"{where} = {value!r} is not host:port", hint="e.g. \"127.0.0.1:2525\"")
-    return HostPort(m.group(1), int(m.group(2)))
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where} = {value!r}: the port must be 1-65535, not {port}",
+                          hint="e.g. \"127.0.0.1:2525\"")
+    return HostPort(m.group(1), port)
 
 
 def parse_quiet_hours(value: str, where: str = "[scheduler].quiet_hours") -> tuple[str, str]:
@@ -241,6 +246,9 @@ def parse_quiet_hours(value: str, where: str = "[scheduler].quiet_hours") -> tup
 
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$", re.I)
+_KIND_WORDS: dict[type, str] = {int: "an integer", str: "a string (in quotes)",
+                                bool: "true or false", float: "a number", list: "a list",
+                                dict: "a table"}
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
@@ -328,7 +336,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     pw = im.str("password_file")
     imap = ImapConfig(
         host=im.str("host"),
-        port=im.int("port", 143, 1),
+        port=im.int("port", 143, 1, 65535),
         tls=im.choice("tls", "starttls", IMAP_TLS_MODES),
         username=im.str("username"),
         password_file=rel(pw) if pw else None,
