@@ -92,3 +92,19 @@ def test_listener_and_flag_messages_name_the_kind(tmp_path: Path) -> None:
         parse_config(raw, tmp_path / "config.toml")
     assert not re.search(r"\ba (int|str|bool|float)\b", str(info.value))
 
+
+def test_config_may_name_the_instance_folder(tmp_path: Path) -> None:
+    """The README calls the folder the instance: --config DIR means DIR/config.toml."""
+    (tmp_path / "config.toml").write_text(EXAMPLE.read_text())
+    assert load_config(tmp_path).path == (tmp_path / "config.toml").resolve()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="is a folder without a config.toml") as info:
+        load_config(empty)
+    assert f"e.g. {empty / 'config.toml'}" in str(info.value)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "latin1.toml").write_bytes(b'[hub]\ndomain = "caf\xe9.example"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(tmp_path / "latin1.toml")
