@@ -30,6 +30,12 @@ is refused, nothing changed: the hub's keys are made out to the configured domai
 instance to another domain, edit [hub].domain in its config.toml yourself, or init a new folder.
 """
 
+USERS_ADD_EPILOG = """\
+For an address that is already a coordinator, the password is replaced (the old one stops
+working at once; recorded in the audit log), and the output says so.
+"""
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("init", help="create an instance: config, rules, templates, keys, database",
                        description="Create an instance in DIR, or complete an existing one.",
@@ -44,7 +50,9 @@ def register(sub: Any) -> None:
 
     users = sub.add_parser("users", help="coordinators allowed to submit mail")
     us = users.add_subparsers(dest="users_cmd", required=True, metavar="ACTION")
-    p = us.add_parser("add", help="add a coordinator (password from --password-file or a prompt)")
+    p = us.add_parser("add", help="add a coordinator, or replace an existing coordinator's "
+                                  "password (password from --password-file or a prompt)",
+                      epilog=USERS_ADD_EPILOG)
     p.add_argument("email")
     p.add_argument("--password-file", help="file holding the password (one trailing newline "
                                            "is stripped)")
@@ -192,14 +200,16 @@ def cmd_users_add(args: argparse.Namespace) -> int:
         user = session.exec(select(User).where(User.email == email)).first()
         if user is None:
             session.add(User(email=email, password_hash=hash_password(password)))
-            action = "added"
+            event, said = "user-added", f"added: {email}"
         else:
             user.password_hash = hash_password(password)
             session.add(user)
-            action = "password changed"
-        audit.append(session, "cli", "user-" + action.split()[0], detail={"user": email})
+            event = "user-password"  # the audit action name kept from before
+            said = (f"password replaced: {email} was already a coordinator; the new password "
+                    "replaces the old one, which no longer works")
+        audit.append(session, "cli", event, detail={"user": email})
         session.commit()
-    print(f"{action}: {email}")
+    print(said)
     return 0
 
 

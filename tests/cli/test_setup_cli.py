@@ -11,7 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sqlmodel import Session, select
+
+from mailhub.app import Hub
 from mailhub.config import load_config
+from mailhub.ingress.auth import verify_password
+from mailhub.store.models import User
 from tests.conftest import Instance
 
 COORD = "anna@medvoyage.example"
@@ -114,3 +119,24 @@ def test_file_arguments_that_cannot_be_read_are_clear_errors(instance: Instance,
                                   "/proc/mailhub-case.mbox")
     assert_clear_error(code, err, "cannot write /proc/mailhub-case.mbox:")
 
+
+def test_users_add_for_an_existing_coordinator_replaces_the_password_and_says_so(
+        instance: Instance, short_tmp: Path) -> None:
+    first, second = short_tmp / "one.pw", short_tmp / "two.pw"
+    first.write_text("first-password\n")
+    second.write_text("second-password\n")
+    code, out, err = instance.run("users", "add", COORD, "--password-file", str(first))
+    assert (code, out) == (0, f"added: {COORD}\n"), err
+    code, out, err = instance.run("users", "add", COORD, "--password-file", str(second))
+    assert code == 0, err
+    assert out.startswith(f"password replaced: {COORD} was already a coordinator")
+    hub = Hub(load_config(instance.config))
+    try:
+        with Session(hub.engine) as session:
+            stored = session.exec(select(User).where(User.email == COORD)).one().password_hash
+    finally:
+        hub.engine.dispose()
+    assert verify_password("second-password", stored)
+    assert not verify_password("first-password", stored)
+    help_text = " ".join(mailhub("users", "add", "--help")[1].split())
+    assert "the password is replaced" in help_text
