@@ -24,6 +24,7 @@ def reason(exc: OSError) -> str:
 
 
 def _hint(exc: OSError) -> str | None:
+    """What to do about ``exc``, where the reason alone does not say it."""
     if isinstance(exc, PermissionError):
         return "check the owner and permissions of the file and its folders"
     return None

@@ -25,7 +25,7 @@ EXAMPLE_DOMAIN_LINE = 'domain = "medvoyage.example"'
 INIT_EPILOG = """\
 Every argument is checked before anything is written: a refused --domain leaves no files.
 Run again on an existing instance, init keeps its config.toml and only adds what is missing
-(rules/, templates/, keys, database). An --domain that differs from that config's [hub].domain
+(rules/, templates/, keys, database). A --domain that differs from that config's [hub].domain
 is refused, nothing changed: the hub's keys are made out to the configured domain. To move an
 instance to another domain, edit [hub].domain in its config.toml yourself, or init a new folder.
 """
@@ -113,7 +113,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     domain = check_domain(args.domain, "--domain") if args.domain is not None else None
     config, text = _init_plan(target, domain)
     cfg_path = target / "config.toml"
-    with user_paths("set up the instance", error=ConfigError):
+    with user_paths("set up the instance"):
         target.mkdir(parents=True, exist_ok=True)
         if text is None:
             print(f"kept existing {cfg_path} (domain {config.hub.domain})")

@@ -65,6 +65,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], empty: s
 
 
 def _cell(value: Any, free: bool) -> str:
+    """One cell's text: whole for identifiers, shortened on one line for free text."""
     if value is None:
         return ""
     if not free:
