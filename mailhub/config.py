@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailhub.errors import ConfigError
+from mailhub.errors import ConfigError, FileAccessError, MailhubError
+from mailhub.fileaccess import read_user_text
 
 STARTTLS_MODES = ("opportunistic", "required", "off")
 IMAP_TLS_MODES = ("starttls", "ssl", "off")
@@ -100,12 +101,10 @@ class ImapConfig:
         if self.password_file is None:
             raise ConfigError("[imap].password_file is not set", hint="name a file holding the password")
         try:
-            return read_secret_file(self.password_file)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read [imap].password_file {self.password_file}: {exc.strerror}",
-                hint="create it with the mailbox password (mode 0600)",
-            ) from exc
+            return read_secret_file(self.password_file, "[imap].password_file", ConfigError)
+        except ConfigError as exc:
+            raise ConfigError(exc.message,
+                              hint="create it with the mailbox password (mode 0600)") from exc
 
 
 @dataclass(frozen=True)
@@ -139,9 +138,14 @@ class Config:
         return self.hub.keys_dir / "gnupg"
 
 
-def read_secret_file(path: Path) -> str:
-    """Read a password file, stripping exactly one trailing newline (as the brief says)."""
-    text = Path(path).read_text(encoding="utf-8")
+def read_secret_file(path: Path, what: str = "password file",
+                     error: type[MailhubError] = FileAccessError) -> str:
+    """Read a password file, stripping exactly one trailing newline (as the brief says).
+
+    A missing, unreadable or non-UTF-8 file is an ``error`` that names it, so no caller can
+    let it out as a crash.
+    """
+    text = read_user_text(path, what, error)
     if text.endswith("\r\n"):
         return text[:-2]
     if text.endswith("\n"):
@@ -155,20 +159,31 @@ def default_config_path() -> Path:
 
 
 def load_config(path: Path | str | None = None) -> Config:
-    """Read and validate the configuration file; raise ConfigError saying how to fix it."""
+    """Read and validate the configuration file; raise ConfigError saying how to fix it.
+
+    ``path`` may also name an instance folder (one holding ``config.toml``): the README calls
+    that folder the instance, so ``--config DIR`` means ``DIR/config.toml``.
+    """
     cfg_path = Path(path) if path is not None else default_config_path()
+    if cfg_path.is_dir():
+        if not (cfg_path / "config.toml").is_file():
+            raise ConfigError(
+                f"{cfg_path} is a folder without a config.toml",
+                hint=f"--config must name the configuration file, e.g. {cfg_path / 'config.toml'}"
+                f"; or run 'mailhub init {cfg_path}' to make an instance there",
+            )
+        cfg_path = cfg_path / "config.toml"
     if not cfg_path.exists():
         raise ConfigError(
             f"configuration file {cfg_path} not found",
             hint="run 'mailhub init DIR' to create one, or pass --config PATH "
             "(or set MAILHUB_CONFIG)",
         )
+    text = read_user_text(cfg_path, "configuration file", ConfigError)
     try:
-        raw = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{cfg_path} is not valid TOML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{cfg_path} is not UTF-8 text") from exc
     return parse_config(raw, cfg_path.resolve())
 
 
@@ -188,22 +203,23 @@ class _Section:
                     hint="see config.example.toml for the keys this version reads",
                 )
 
-    def _get(self, key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+    def _get(self, key: str, default: Any, kind: type) -> Any:
         value = self.data.get(key, default)
-        if kind is int and isinstance(value, bool):
-            raise ConfigError(f"[{self.name}].{key} must be a whole number, not {value!r}")
-        if not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ConfigError(f"[{self.name}].{key} must be a {expected}, not {value!r}")
+        # bool is an int in Python, but `workers = true` is not a number in a config file
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = _KIND_WORDS.get(kind, f"a {kind.__name__}")
+            raise ConfigError(f"[{self.name}].{key} must be {expected}, not {value!r}")
         return value
 
     def str(self, key: str, default: str = "") -> str:
         return self._get(key, default, str).strip()
 
-    def int(self, key: str, default: int, minimum: int = 0) -> int:
+    def int(self, key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
         value = self._get(key, default, int)
         if value < minimum:
             raise ConfigError(f"[{self.name}].{key} must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"[{self.name}].{key} must be at most {maximum}, not {value}")
         return value
 
     def bool(self, key: str, default: bool) -> bool:
@@ -227,10 +243,14 @@ class _Section:
 
 
 def parse_hostport(value: str, where: str) -> HostPort:
-    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", value.strip())
-    if not m or not 0 <= int(m.group(2)) <= 65535:
+    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d+)", value.strip())
+    if not m:
         raise ConfigError(f"{where} = {value!r} is not host:port", hint="e.g. \"127.0.0.1:2525\"")
-    return HostPort(m.group(1), int(m.group(2)))
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where} = {value!r}: the port must be 1-65535, not {port}",
+                          hint="e.g. \"127.0.0.1:2525\"")
+    return HostPort(m.group(1), port)
 
 
 def parse_quiet_hours(value: str, where: str = "[scheduler].quiet_hours") -> tuple[str, str]:
@@ -241,6 +261,18 @@ def parse_quiet_hours(value: str, where: str = "[scheduler].quiet_hours") -> tup
 
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$", re.I)
+_KIND_WORDS: dict[type, str] = {int: "an integer", str: "a string (in quotes)",
+                                bool: "true or false", float: "a number", list: "a list",
+                                dict: "a table"}
+
+
+def check_domain(value: str, where: str = "[hub].domain") -> str:
+    """The domain lower-cased, or a ConfigError naming ``where`` (a key, or --domain)."""
+    domain = value.strip().lower()
+    if not _DOMAIN.match(domain):
+        shown = f"{where} {value!r}" if where.startswith("--") else f"{where} = {value!r}"
+        raise ConfigError(f"{shown} is not a mail domain", hint='e.g. "medvoyage.example"')
+    return domain
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
@@ -257,9 +289,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     hub = _Section("hub", raw.get("hub", {}), {
         "domain", "data_dir", "database_url", "keys_dir", "rules_dir", "templates_dir",
         "display_name", "postmaster"})
-    domain = hub.str("domain").lower()
-    if not _DOMAIN.match(domain):
-        raise ConfigError(f"[hub].domain = {domain!r} is not a mail domain", hint='e.g. "medvoyage.example"')
+    domain = check_domain(hub.str("domain"))
     db_url = hub.str("database_url")
     if db_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", db_url):
         raise ConfigError(
@@ -328,7 +358,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     pw = im.str("password_file")
     imap = ImapConfig(
         host=im.str("host"),
-        port=im.int("port", 143, 1),
+        port=im.int("port", 143, 1, 65535),
         tls=im.choice("tls", "starttls", IMAP_TLS_MODES),
         username=im.str("username"),
         password_file=rel(pw) if pw else None,

@@ -35,6 +35,10 @@ class RuleError(ConfigError):
     """A file under rules/ is invalid (names the file and the entry)."""
 
 
+class FileAccessError(MailhubError):
+    """A file or folder the user named cannot be read or written (missing, a folder, no access)."""
+
+
 class TemplateError(MailhubError):
     """A template is missing or failed to render."""
 

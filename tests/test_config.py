@@ -48,6 +48,13 @@ def test_every_example_key_is_read(tmp_path: Path) -> None:
     ("delivery", "smarthost", "localhost", "is not host:port"),
     ("delivery", "workers", 0, "must be at least 1"),
     ("hub", "database_url", "mysql://x", "is not supported"),
+    ("delivery", "workers", "four", r"must be an integer, not 'four'"),
+    ("delivery", "workers", True, r"must be an integer, not True"),
+    ("delivery", "workers", 2.5, r"must be an integer, not 2.5"),
+    ("hub", "domain", 42, r"must be a string \(in quotes\), not 42"),
+    ("delivery", "smarthost", "127.0.0.1:99999", "the port must be 1-65535, not 99999"),
+    ("delivery", "smarthost", "127.0.0.1:0", "the port must be 1-65535, not 0"),
+    ("imap", "port", 99999, "must be at most 65535"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, section: str, key: str, value: object,
                                  message: str) -> None:
@@ -70,3 +77,34 @@ def test_password_file_strips_one_newline(tmp_path: Path) -> None:
     assert read_secret_file(p) == "secret\n"
     p.write_text("secret")
     assert read_secret_file(p) == "secret"
+
+
+def test_listener_and_flag_messages_name_the_kind(tmp_path: Path) -> None:
+    """Type names in messages are words people use ("an integer"), never Python's ("a int")."""
+    raw = tomllib.loads(EXAMPLE.read_text())
+    raw["smtp"]["inbound"]["listen"] = "127.0.0.1:99999"
+    with pytest.raises(ConfigError, match=r"\[smtp.inbound\].listen = '127.0.0.1:99999': the "
+                                          r"port must be 1-65535"):
+        parse_config(raw, tmp_path / "config.toml")
+    raw = tomllib.loads(EXAMPLE.read_text())
+    raw["smtp"]["submission"]["require_tls_for_auth"] = "yes"
+    with pytest.raises(ConfigError, match=r"must be true or false, not 'yes'") as info:
+        parse_config(raw, tmp_path / "config.toml")
+    assert not re.search(r"\ba (int|str|bool|float)\b", str(info.value))
+
+
+def test_config_may_name_the_instance_folder(tmp_path: Path) -> None:
+    """The README calls the folder the instance: --config DIR means DIR/config.toml."""
+    (tmp_path / "config.toml").write_text(EXAMPLE.read_text())
+    assert load_config(tmp_path).path == (tmp_path / "config.toml").resolve()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="is a folder without a config.toml") as info:
+        load_config(empty)
+    assert f"e.g. {empty / 'config.toml'}" in str(info.value)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "latin1.toml").write_bytes(b'[hub]\ndomain = "caf\xe9.example"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(tmp_path / "latin1.toml")

@@ -27,6 +27,7 @@ from mailhub.cases.service import EVENTS, STATUSES, CaseInputError, get_case, pa
 from mailhub.cases.store import open_filename, open_message, open_subject
 from mailhub.cases.subjects import strip_reply_prefixes
 from mailhub.errors import MailhubError
+from mailhub.fileaccess import user_paths
 from mailhub.scheduler.timecalc import local_iso
 from mailhub.store.models import (
     Attachment,
@@ -214,18 +215,19 @@ def export_case(session: Session, sealer: Any, case_id: str, output: Path | str,
     if not target.parent.is_dir():
         raise CaseInputError(f"folder {target.parent} does not exist")
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # exactly 0600 whatever the umask
-            writer = _write_mbox if fmt == "mbox" else _write_zip
-            count = writer(out, session, sealer, case.id)
-            out.flush()
-            os.fsync(out.fileno())
+    with user_paths("write", target, CaseInputError):  # no write access, full disk: one line
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.link(tmp, target)  # never replaces a file created meanwhile
-        except FileExistsError as exc:
-            raise CaseInputError(f"{target} already exists; not replacing it") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ExportResult(case.id, target, count, target.stat().st_size)
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o600)  # exactly 0600 whatever the umask
+                writer = _write_mbox if fmt == "mbox" else _write_zip
+                count = writer(out, session, sealer, case.id)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(tmp, target)  # never replaces a file created meanwhile
+            except FileExistsError as exc:
+                raise CaseInputError(f"{target} already exists; not replacing it") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return ExportResult(case.id, target, count, target.stat().st_size)

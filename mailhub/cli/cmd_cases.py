@@ -189,7 +189,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     rows = [{**m, "to": ", ".join(m["to"]), "subject": "  " * m["depth"] + m["subject"],
              "protection": f"{m['encryption']}/{m['signature']}"} for m in view["messages"]]
     print_table(rows, ["direction", "from", "subject", "protection", "received_at"],
-                "no messages")
+                "no messages", free_text={"subject"})
     print()
     print_table(view["schedule"], ["step", "template", "send_at_local", "timezone", "status"],
                 "nothing scheduled")

@@ -68,7 +68,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print_json(rows)
     else:
         print_table(rows, ["address", "kind", "fingerprint", "expires", "source", "warning"],
-                    "no keys")
+                    "no keys", free_text={"warning"})
     return 0
 
 

@@ -39,7 +39,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print_json(rows)
     else:
         print_table(rows, ["id", "status", "recipient", "method", "message_id", "reason"],
-                    "the queue is empty")
+                    "the queue is empty", free_text={"reason"})
     return 0
 
 

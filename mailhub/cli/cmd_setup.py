@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,34 @@ from sqlmodel import Session, select
 
 from mailhub.app import Hub
 from mailhub.cli.output import add_json, hub_from, print_json
-from mailhub.config import load_config, read_secret_file
+from mailhub.config import Config, check_domain, load_config, parse_config, read_secret_file
 from mailhub.errors import ConfigError, MailhubError
+from mailhub.fileaccess import read_user_text, user_paths
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_DOMAIN_LINE = 'domain = "medvoyage.example"'
+
+INIT_EPILOG = """\
+Every argument is checked before anything is written: a refused --domain leaves no files.
+Run again on an existing instance, init keeps its config.toml and only adds what is missing
+(rules/, templates/, keys, database). A --domain that differs from that config's [hub].domain
+is refused, nothing changed: the hub's keys are made out to the configured domain. To move an
+instance to another domain, edit [hub].domain in its config.toml yourself, or init a new folder.
+"""
+
+USERS_ADD_EPILOG = """\
+For an address that is already a coordinator, the password is replaced (the old one stops
+working at once; recorded in the audit log), and the output says so.
+"""
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("init", help="create an instance: config, rules, templates, keys, database")
+    p = sub.add_parser("init", help="create an instance: config, rules, templates, keys, database",
+                       description="Create an instance in DIR, or complete an existing one.",
+                       epilog=INIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", default=".", help="folder of the new instance (default: .)")
-    p.add_argument("--domain", help="the organisation's mail domain (default: from the example)")
+    p.add_argument("--domain", help="the organisation's mail domain (default: from the example; "
+                                    "on an existing instance it must match its config)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", help="run listeners, delivery, IMAP ingest and the scheduler")
@@ -31,7 +50,9 @@ def register(sub: Any) -> None:
 
     users = sub.add_parser("users", help="coordinators allowed to submit mail")
     us = users.add_subparsers(dest="users_cmd", required=True, metavar="ACTION")
-    p = us.add_parser("add", help="add a coordinator (password from --password-file or a prompt)")
+    p = us.add_parser("add", help="add a coordinator, or replace an existing coordinator's "
+                                  "password (password from --password-file or a prompt)",
+                      epilog=USERS_ADD_EPILOG)
     p.add_argument("email")
     p.add_argument("--password-file", help="file holding the password (one trailing newline "
                                            "is stripped)")
@@ -49,23 +70,63 @@ def _copy_default(name: str, target: Path) -> bool:
     return True
 
 
+def _new_config_text(domain: str | None) -> str:
+    """config.example.toml with the chosen domain; read before anything is written."""
+    example = SOURCE_ROOT / "config.example.toml"
+    if not example.exists():
+        raise ConfigError(f"cannot find config.example.toml next to the package ({example})",
+                          hint="install mailhub from its checkout with 'pip install -e .'")
+    text = read_user_text(example, "the example configuration", ConfigError)
+    if domain:
+        if EXAMPLE_DOMAIN_LINE not in text:
+            raise ConfigError(f"{example} has no line {EXAMPLE_DOMAIN_LINE!r} to set --domain in")
+        text = text.replace(EXAMPLE_DOMAIN_LINE, f'domain = "{domain}"', 1)
+    return text
+
+
+def _init_plan(target: Path, domain: str | None) -> tuple[Config, str | None]:
+    """The instance's config and the text to write (None: keep the existing file).
+
+    Everything is validated here, before init writes anything, so a refused argument leaves
+    no half-made instance behind that a corrected re-run would then "keep".
+    """
+    if target.exists() and not target.is_dir():
+        raise MailhubError(f"{target} exists and is not a folder",
+                           hint="name a new folder, or an existing one, for the instance")
+    cfg_path = target / "config.toml"
+    if cfg_path.exists():
+        config = load_config(cfg_path)
+        if domain and domain != config.hub.domain:
+            raise ConfigError(
+                f"{cfg_path} already exists with domain {config.hub.domain}; "
+                f"--domain {domain} was not applied and nothing was changed",
+                hint=f"run init without --domain to complete the instance for "
+                     f"{config.hub.domain}; to change the domain, edit [hub].domain in "
+                     f"{cfg_path}, or init a new folder")
+        return config, None
+    text = _new_config_text(domain)
+    return parse_config(tomllib.loads(text), cfg_path), text
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     target = Path(args.dir).resolve()
-    target.mkdir(parents=True, exist_ok=True)
+    domain = check_domain(args.domain, "--domain") if args.domain is not None else None
+    config, text = _init_plan(target, domain)
     cfg_path = target / "config.toml"
-    example = SOURCE_ROOT / "config.example.toml"
-    if not cfg_path.exists():
-        if not example.exists():
-            raise ConfigError(f"cannot find config.example.toml next to the package ({example})",
-                              hint="install mailhub from its checkout with 'pip install -e .'")
-        text = example.read_text(encoding="utf-8")
-        if args.domain:
-            text = text.replace('domain = "medvoyage.example"', f'domain = "{args.domain}"', 1)
-        cfg_path.write_text(text, encoding="utf-8")
-        print(f"wrote {cfg_path}")
-    else:
-        print(f"kept existing {cfg_path}")
-    config = load_config(cfg_path)
+    with user_paths("set up the instance"):
+        target.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            print(f"kept existing {cfg_path} (domain {config.hub.domain})")
+        else:
+            cfg_path.write_text(text, encoding="utf-8")
+            print(f"wrote {cfg_path}")
+        _init_files(config)
+    return 0
+
+
+def _init_files(config: Config) -> None:
+    """Default rules and templates, the hub's keys and the database, each only if missing."""
+    cfg_path = config.path
     for name, path in (("rules", config.hub.rules_dir), ("templates", config.hub.templates_dir)):
         if _copy_default(name, path):
             print(f"copied default {name}/ to {path}")
@@ -80,7 +141,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"database ready: {config.hub.db_url if config.hub.database_url else config.hub.data_dir}")
     print(f"hub OpenPGP fingerprint: {hub.hub_fingerprint()}")
     print(f"next: mailhub --config {cfg_path} users add coordinator@{config.hub.domain}")
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -111,10 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_file:
-        try:
-            return read_secret_file(Path(args.password_file))
-        except OSError as exc:
-            raise MailhubError(f"cannot read {args.password_file}: {exc.strerror}") from exc
+        return read_secret_file(Path(args.password_file), "--password-file")
     if not sys.stdin.isatty():
         raise MailhubError("no password given", hint="use --password-file FILE")
     first = getpass.getpass("Password: ")
@@ -143,14 +200,16 @@ def cmd_users_add(args: argparse.Namespace) -> int:
         user = session.exec(select(User).where(User.email == email)).first()
         if user is None:
             session.add(User(email=email, password_hash=hash_password(password)))
-            action = "added"
+            event, said = "user-added", f"added: {email}"
         else:
             user.password_hash = hash_password(password)
             session.add(user)
-            action = "password changed"
-        audit.append(session, "cli", "user-" + action.split()[0], detail={"user": email})
+            event = "user-password"  # the audit action name kept from before
+            said = (f"password replaced: {email} was already a coordinator; the new password "
+                    "replaces the old one, which no longer works")
+        audit.append(session, "cli", event, detail={"user": email})
         session.commit()
-    print(f"{action}: {email}")
+    print(said)
     return 0
 
 

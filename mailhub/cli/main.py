@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "scheduler.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH",
-                        help="configuration file (default: $MAILHUB_CONFIG, then ./config.toml)")
+                        help="configuration file, or an instance folder holding config.toml "
+                             "(default: $MAILHUB_CONFIG, then ./config.toml)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cmd_setup.register(sub)

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -25,6 +24,7 @@ from mailhub.crypto.atrest import SecretExists as SecretExists
 from mailhub.crypto.atrest import fsync_dir as fsync_dir
 from mailhub.crypto.atrest import write_secret as write_secret
 from mailhub.errors import KeyImportError
+from mailhub.fileaccess import read_user_bytes
 
 log = logging.getLogger("mailhub.crypto")
 
@@ -319,7 +319,7 @@ def load_identity_file(
     password: bytes | None = None,
 ) -> Identity:
     """`keys import-own`: key and cert in one PEM file, as two files, or a PKCS#12 bundle."""
-    data = Path(path).read_bytes()
+    data = read_user_bytes(path, "key file", KeyImportError)
     if cert_path is None and b"-----BEGIN" not in data:
         try:
             key, cert, extra = pkcs12.load_key_and_certificates(data, password)
@@ -328,5 +328,6 @@ def load_identity_file(
         if key is None or cert is None:
             raise KeyImportError(f"{path} holds no key with its certificate")
         return _identity_from(key, [cert, *extra])
-    cert_data = Path(cert_path).read_bytes() if cert_path is not None else data
+    cert_data = (read_user_bytes(cert_path, "certificate file", KeyImportError)
+                 if cert_path is not None else data)
     return load_identity(data, cert_data, password)

@@ -20,6 +20,7 @@ from sqlmodel import Session, select
 from mailhub.crypto.certs import check_partner_cert, load_identity_file
 from mailhub.crypto.openpgp import KeyInfo
 from mailhub.errors import KeyImportError
+from mailhub.fileaccess import read_user_bytes
 from mailhub.store import audit
 from mailhub.store.models import KeyRecord, utcnow
 
@@ -77,10 +78,7 @@ def _openpgp_record(info: KeyInfo, address: str, *, own: bool, source: str) -> K
 
 def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOutcome:  # type: ignore[no-untyped-def]
     """Import a partner's or patient's public key (armored OpenPGP) or certificate (PEM/DER)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise KeyImportError(f"cannot read {path}: {exc.strerror}") from exc
+    data = read_user_bytes(path, "key file", KeyImportError)
     records: list[KeyRecord] = []
     changed: list[str] = []
     with Session(hub.engine, expire_on_commit=False) as session:
@@ -108,7 +106,7 @@ def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOut
 
 def import_own(hub, path: Path, cert: Path | None = None) -> list[KeyRecord]:  # type: ignore[no-untyped-def]
     """Import one of the organisation's private keys as a hub key (key rollover)."""
-    data = Path(path).read_bytes()
+    data = read_user_bytes(path, "key file", KeyImportError)
     if _PGP_SECRET_ARMOR in data:
         hub.keys.keyring.import_secret(data)
     elif b"-----BEGIN PGP PUBLIC KEY BLOCK-----" in data:

@@ -1,0 +1,142 @@
+"""`init`, `--config`, `users add` and file arguments as an administrator meets them.
+
+Each refusal must be one clear `mailhub: error:` line (exit 1), never "internal error" (exit 70)
+or a traceback, and a refused `init` must leave nothing behind that a corrected re-run keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from mailhub.app import Hub
+from mailhub.config import load_config
+from mailhub.ingress.auth import verify_password
+from mailhub.store.models import User
+from tests.conftest import Instance
+
+COORD = "anna@medvoyage.example"
+
+
+def mailhub(*args: str) -> tuple[int, str, str]:
+    """The installed CLI in a child process, as an administrator runs it."""
+    proc = subprocess.run([sys.executable, "-m", "mailhub", *args], capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_clear_error(code: int, err: str, *expected: str) -> None:
+    """Exit 1 with a `mailhub: error:` line that says ``expected``; no crash report."""
+    assert code == 1, err
+    assert err.startswith("mailhub: error: "), err
+    assert "internal error" not in err and "Traceback" not in err, err
+    first = err.splitlines()[0]
+    for text in expected:
+        assert text in first, (text, err)
+
+
+def test_init_checks_domain_before_writing_and_keeps_an_instance_domain(short_tmp: Path
+                                                                      ) -> None:
+    target = short_tmp / "hub"
+    code, out, err = mailhub("init", str(target), "--domain", "not a domain")
+    assert_clear_error(code, err, "--domain 'not a domain' is not a mail domain")
+    assert not target.exists()  # nothing written: the corrected run starts afresh
+
+    code, out, err = mailhub("init", str(target), "--domain", "good.example")
+    assert code == 0, err
+    assert f"wrote {target / 'config.toml'}" in out
+    assert load_config(target / "config.toml").hub.domain == "good.example"
+    rows = json.loads(mailhub("--config", str(target / "config.toml"), "keys", "list",
+                              "--json")[1])
+    assert {r["address"] for r in rows} == {"hub@good.example"}
+
+    # another domain on the existing instance is refused, not silently ignored
+    before = (target / "config.toml").read_bytes()
+    code, out, err = mailhub("init", str(target), "--domain", "other.example")
+    assert_clear_error(code, err, "already exists with domain good.example",
+                       "--domain other.example was not applied")
+    assert (target / "config.toml").read_bytes() == before
+    code, out, err = mailhub("init", str(target))
+    assert code == 0, err
+    assert f"kept existing {target / 'config.toml'} (domain good.example)" in out
+    assert mailhub("init", str(target), "--domain", "Good.Example")[0] == 0  # the same domain
+
+    help_text = mailhub("init", "--help")[1]
+    assert "is refused" in help_text and "checked before anything is written" in help_text
+
+
+def test_init_paths_that_cannot_hold_an_instance(short_tmp: Path) -> None:
+    a_file = short_tmp / "notes.txt"
+    a_file.write_text("not a folder\n")
+    code, out, err = mailhub("init", str(a_file))
+    assert_clear_error(code, err, f"{a_file} exists and is not a folder")
+    assert a_file.read_text() == "not a folder\n"
+    code, out, err = mailhub("init", "/proc/mailhub-nope")
+    assert_clear_error(code, err, "cannot set up the instance: /proc/mailhub-nope:")
+
+
+def test_config_may_name_the_instance_folder(instance: Instance, short_tmp: Path) -> None:
+    code, out, err = mailhub("--config", str(instance.root), "queue", "list")
+    assert (code, out) == (0, "the queue is empty\n"), err
+    empty = short_tmp / "empty"
+    empty.mkdir()
+    code, out, err = mailhub("--config", str(empty), "queue", "list")
+    assert_clear_error(code, err, f"{empty} is a folder without a config.toml")
+    assert f"--config must name the configuration file, e.g. {empty / 'config.toml'}" in err
+
+
+def test_file_arguments_that_cannot_be_read_are_clear_errors(instance: Instance,
+                                                             short_tmp: Path) -> None:
+    missing = str(short_tmp / "missing.pem")
+    latin1 = short_tmp / "latin1.pw"
+    latin1.write_bytes(b"geheim\xfc\xdf-passwort\n")
+    cases = [
+        (("keys", "import", missing), f"cannot read key file {missing}: no such file"),
+        (("keys", "import-own", missing), f"cannot read key file {missing}: no such file"),
+        (("keys", "import-own", str(short_tmp)), f"cannot read key file {short_tmp}: it is a "
+                                                 "folder"),
+        (("users", "add", COORD, "--password-file", missing),
+         f"cannot read --password-file {missing}: no such file"),
+        (("users", "add", COORD, "--password-file", str(latin1)),
+         f"--password-file {latin1} is not UTF-8 text"),
+        (("keys", "import-own", str(latin1), "--cert", missing),  # FILE is read, then CERT
+         f"cannot read certificate file {missing}: no such file"),
+    ]
+    for args, expected in cases:
+        code, out, err = instance.run(*args)
+        assert_clear_error(code, err, expected)
+        assert out == "", (args, out)
+
+    code, case_id, err = instance.run("cases", "open", "--patient-name", "Ana",
+                                      "--patient-email", "ana@patient.example",
+                                      "--timezone", "UTC")
+    assert code == 0, err
+    code, out, err = instance.run("cases", "export", case_id.strip(), "--output",
+                                  "/proc/mailhub-case.mbox")
+    assert_clear_error(code, err, "cannot write /proc/mailhub-case.mbox:")
+
+
+def test_users_add_for_an_existing_coordinator_replaces_the_password_and_says_so(
+        instance: Instance, short_tmp: Path) -> None:
+    first, second = short_tmp / "one.pw", short_tmp / "two.pw"
+    first.write_text("first-password\n")
+    second.write_text("second-password\n")
+    code, out, err = instance.run("users", "add", COORD, "--password-file", str(first))
+    assert (code, out) == (0, f"added: {COORD}\n"), err
+    code, out, err = instance.run("users", "add", COORD, "--password-file", str(second))
+    assert code == 0, err
+    assert out.startswith(f"password replaced: {COORD} was already a coordinator")
+    hub = Hub(load_config(instance.config))
+    try:
+        with Session(hub.engine) as session:
+            stored = session.exec(select(User).where(User.email == COORD)).one().password_hash
+    finally:
+        hub.engine.dispose()
+    assert verify_password("second-password", stored)
+    assert not verify_password("first-password", stored)
+    help_text = " ".join(mailhub("users", "add", "--help")[1].split())
+    assert "the password is replaced" in help_text
