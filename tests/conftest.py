@@ -7,6 +7,7 @@ in a short temporary path so gpg's agent socket path stays within the kernel's l
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import socket
@@ -181,3 +182,16 @@ def running(instance: Instance) -> Iterator[RunningHub]:
         yield hub
     finally:
         hub.stop()
+
+
+def agents_of(home: Path) -> list[int]:
+    """The pids of gpg-agents running for a GNUPGHOME (from their command lines)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"gpg-agent") and str(home).encode() in argv:
+            found.append(int(pid))
+    return found

@@ -16,6 +16,7 @@ from sqlmodel import Session, select
 from mailhub.app import Hub
 from mailhub.cli.output import add_json, hub_from, print_json
 from mailhub.config import Config, check_domain, load_config, parse_config, read_secret_file
+from mailhub.crypto.openpgp_ops import kill_agent
 from mailhub.errors import ConfigError, MailhubError
 from mailhub.fileaccess import read_user_text, user_paths
 
@@ -140,6 +141,9 @@ def _init_files(config: Config) -> None:
     record_own_keys(hub)
     print(f"database ready: {config.hub.db_url if config.hub.database_url else config.hub.data_dir}")
     print(f"hub OpenPGP fingerprint: {hub.hub_fingerprint()}")
+    if "openpgp" in made:  # the agent that made the key must not outlive init (a running hub's
+        # agent is another matter: init only made a key when there was none, so no hub ran)
+        kill_agent(str(hub.keys.gnupg_home))
     print(f"next: mailhub --config {cfg_path} users add coordinator@{config.hub.domain}")
 
 

@@ -17,7 +17,7 @@ from mailhub.app import Hub
 from mailhub.config import load_config
 from mailhub.ingress.auth import verify_password
 from mailhub.store.models import User
-from tests.conftest import Instance
+from tests.conftest import Instance, agents_of
 
 COORD = "anna@medvoyage.example"
 
@@ -49,6 +49,7 @@ def test_init_checks_domain_before_writing_and_keeps_an_instance_domain(short_tm
     code, out, err = mailhub("init", str(target), "--domain", "good.example")
     assert code == 0, err
     assert f"wrote {target / 'config.toml'}" in out
+    assert not agents_of(target / "keys" / "gnupg")  # making the key left no gpg-agent behind
     assert load_config(target / "config.toml").hub.domain == "good.example"
     rows = json.loads(mailhub("--config", str(target / "config.toml"), "keys", "list",
                               "--json")[1])

@@ -7,7 +7,6 @@ what the hub sends, they decrypt to what was sent and find the hub's valid signa
 from __future__ import annotations
 
 import json
-import os
 import smtplib
 import ssl
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, RunningHub, SinkHandler, set_config
+from tests.conftest import Instance, RunningHub, SinkHandler, agents_of, set_config
 
 COORD = "coord@medvoyage.example"
 PASSWORD = "correct horse battery"
@@ -41,19 +40,6 @@ def make_recipient(tmp: Path, address: str) -> tuple[Path, Path]:
     pub = tmp / f"{address}.asc"
     pub.write_bytes(gpg(home, "--armor", "--export", address).stdout)
     return home, pub
-
-
-def agents_of(home: Path) -> list[int]:
-    """The pids of gpg-agents running for a GNUPGHOME (from their command lines)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"gpg-agent") and str(home).encode() in argv:
-            found.append(int(pid))
-    return found
 
 
 def add_user(instance: Instance) -> None:
