@@ -63,9 +63,12 @@ class HubKeys:
     # -- OpenPGP -------------------------------------------------------------------------
 
     def openpgp_own(self) -> list[KeyInfo]:
-        """Own secret keys, newest first (the first one signs)."""
+        """Own secret keys, newest first (the first one signs). Creation times have whole
+        seconds: of two keys made in the same second, the one the keyring got last (the one
+        ``keys import-own`` just added) counts as newer."""
         keys = [k for k in self.keyring.list_keys(secret=True) if not k.revoked and not k.expired]
-        return sorted(keys, key=lambda k: k.created, reverse=True)
+        order = sorted(enumerate(keys), key=lambda ik: (ik[1].created, ik[0]), reverse=True)
+        return [k for _, k in order]
 
     def openpgp_signer(self) -> KeyInfo:
         own = self.openpgp_own()
