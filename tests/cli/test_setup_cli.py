@@ -141,3 +141,18 @@ def test_users_add_for_an_existing_coordinator_replaces_the_password_and_says_so
     assert not verify_password("first-password", stored)
     help_text = " ".join(mailhub("users", "add", "--help")[1].split())
     assert "the password is replaced" in help_text
+
+
+def test_a_config_copied_where_no_instance_was_made_is_refused(short_tmp: Path) -> None:
+    """Commands on a config.toml with no instance beside it (no keys, no database) stop with a
+    clear error, instead of quietly making an empty database and keyring there."""
+    made = short_tmp / "made"
+    assert mailhub("init", str(made))[0] == 0
+    elsewhere = short_tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.toml").write_bytes((made / "config.toml").read_bytes())
+    for command in (["keys", "list"], ["queue", "list", "--json"], ["cases", "list"]):
+        code, out, err = mailhub("--config", str(elsewhere / "config.toml"), *command)
+        assert_clear_error(code, err, "belongs to no initialised instance")
+        assert "mailhub init" in err and out == ""
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["config.toml"]  # nothing made there
