@@ -8,9 +8,12 @@ input; an unexpected crash prints where the log is instead of a traceback unless
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 from mailhub.cli import cmd_cases, cmd_keys, cmd_queue, cmd_schedule, cmd_setup
 from mailhub.errors import MailhubError
@@ -40,12 +43,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ReaderMayLeave(io.TextIOBase):
+    """stdout for a command: when its reader goes away (``mailhub init DIR | head -1``), the
+    rest of the output goes to /dev/null and the command still finishes its work. Before, the
+    first write after that raised BrokenPipeError and left init half done, with exit status 0."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _gone(self) -> None:
+        try:  # the descriptor too: the interpreter flushes it again at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int | None] = args.func
+    real_stdout = sys.stdout
+    sys.stdout = _ReaderMayLeave(real_stdout)
     try:
         return int(func(args) or 0)
     except MailhubError as exc:
@@ -55,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 0
     except Exception as exc:
         if args.debug:
             raise
         print(f"mailhub: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("mailhub: hint: run again with --debug for details, and report it", file=sys.stderr)
         return 70
+    finally:
+        sys.stdout = real_stdout
 
 
 if __name__ == "__main__":

@@ -156,3 +156,21 @@ def test_a_config_copied_where_no_instance_was_made_is_refused(short_tmp: Path) 
         assert_clear_error(code, err, "belongs to no initialised instance")
         assert "mailhub init" in err and out == ""
     assert sorted(p.name for p in elsewhere.iterdir()) == ["config.toml"]  # nothing made there
+
+
+def test_init_piped_into_a_reader_that_leaves_early_still_makes_the_whole_instance(
+        short_tmp: Path) -> None:
+    """``mailhub init DIR | head -1``: the reader goes after one line; init must still make
+    the keys and the database (it used to stop at its next line of output, with status 0)."""
+    target = short_tmp / "piped"
+    proc = subprocess.Popen([sys.executable, "-m", "mailhub", "init", str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"wrote ")
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "Broken" not in err, err
+    assert (target / "keys" / "atrest.key").exists()
+    rows = json.loads(mailhub("--config", str(target / "config.toml"), "keys", "list",
+                              "--json")[1])
+    assert {(r["kind"], r["own"]) for r in rows} == {("openpgp", True), ("smime", True)}
