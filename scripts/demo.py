@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -153,7 +154,9 @@ def main() -> int:
         say("mailhub queue list: the keyless recipient's copy is held, never sent in plaintext")
         rows = json.loads(mailhub(cfg, "queue", "list", "--json"))
         for r in rows:
-            print(f"   {r['id']:>3}  {r['status']:<6}  {r['recipient']:<40} {r['reason'][:90]}")
+            print(f"   {r['id']:>3}  {r['status']:<6}  {r['recipient']}")
+            for line in textwrap.wrap(r["reason"], 88):  # the whole reason: it says what to do
+                print(f"              {line}")
         if args.no_wait:
             return 0
         say("the hub keeps running (submission 127.0.0.1:5587, inbound 127.0.0.1:2525); "
