@@ -171,8 +171,18 @@ class RunningHub:
     def stop(self) -> None:
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
+        # as asyncio.run does at its end: cancel what is left (a client's session still open)
+        # and let it finish, or it is destroyed pending and logged in some later test
+        asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture
