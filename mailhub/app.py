@@ -51,9 +51,11 @@ class Hub:
         from mailhub.crypto.atrest import AtRest
 
         path = self.keys.atrest_key
-        if not Path(path).exists():
-            raise ConfigError(f"the at-rest key {path} is missing",
-                              hint="run 'mailhub init' to generate the hub's keys")
+        if not Path(path).exists():  # init makes it first: without it there is no instance
+            raise ConfigError(
+                f"{self.config.path} belongs to no initialised instance: {path} is missing",
+                hint=f"run 'mailhub init {self.config.path.parent}' to make one there, or "
+                     "point --config at the config.toml of the instance you mean")
         return AtRest.load(path)
 
     @cached_property

@@ -6,12 +6,10 @@ import argparse
 import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from mailhub.app import Hub
 from mailhub.config import load_config
-from mailhub.errors import ConfigError
 
 
 def hub_from(args: argparse.Namespace, *, migrate: bool = True) -> Hub:
@@ -19,12 +17,7 @@ def hub_from(args: argparse.Namespace, *, migrate: bool = True) -> Hub:
     copied elsewhere would otherwise get an empty database and keyring of its own, and
     ``keys list`` would just say there are no keys)."""
     hub = Hub(load_config(args.config))
-    if not Path(hub.keys.atrest_key).exists():
-        raise ConfigError(
-            f"{hub.config.path} belongs to no initialised instance: "
-            f"{hub.keys.atrest_key} is missing",
-            hint=f"run 'mailhub init {hub.config.path.parent}' to make one there, or point "
-                 "--config at the config.toml of the instance you mean")
+    hub.sealer  # noqa: B018 - loads the at-rest key, which is the Hub's own check for an instance
     if migrate:
         hub.migrate()
     return hub
