@@ -18,6 +18,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from sqlmodel import Session
+
 from mailhub.app import Hub
 from mailhub.crypto.engine import CryptoEngine
 from mailhub.crypto.openpgp_ops import kill_agent
@@ -193,13 +195,9 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _on_failed(self, item: queue.Claimed, reply: str) -> None:
-        from sqlmodel import Session
-
-        with Session(self.hub.engine) as session:
-            self.writer.dsn(session, item, reply)
-            session.commit()
-        self.delivery.wake()
+    def _on_failed(self, session: Session, item: queue.Claimed, reply: str) -> None:
+        """The DSN, in the transaction that marks the row failed (the worker wakes itself)."""
+        self.writer.dsn(session, item, reply)
 
     def check_user(self, login: str, password: str) -> bool:
         return check_user(self.hub, login, password)

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 
 from sqlalchemy.engine import Engine
@@ -32,6 +31,7 @@ from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
+from mailhub.deliver.claims import SentFlush, log_failed_write
 from mailhub.deliver.fresh import FreshPayloads, Opened, Unreadable, WirePayload, take_claimed
 from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.deliver.payloads import sealed_payloads_in
@@ -50,7 +50,8 @@ CHAIN = 8  # rows a sender thread takes at once and sends back to back
 WRITTEN_BY_HUB = frozenset({"openpgp", "smime"})
 
 
-OnFailed = Callable[[queue.Claimed, str], None]
+# called inside the transaction that marks the row failed: the row and its DSN commit together
+OnFailed = Callable[[Session, queue.Claimed, str], None]
 OnSent = Callable[[queue.Claimed, str], None]
 
 
@@ -127,7 +128,7 @@ class DeliveryWorker:
         elif wait:
             self.commits.call(fn)
         else:
-            self.commits.submit(fn).add_done_callback(_log_failed_write)
+            self.commits.submit(fn).add_done_callback(log_failed_write)
 
     def _record_sent(self, item_id: int, reply: str) -> None:
         """Queue the "sent" mark; all marks waiting when the commit thread gets to them go
@@ -140,7 +141,7 @@ class DeliveryWorker:
             if self._sent_flush_queued:
                 return
             self._sent_flush_queued = True
-        self.commits.submit(_SentFlush(self)).add_done_callback(_log_failed_write)
+        self.commits.submit(SentFlush(self.take_sent)).add_done_callback(log_failed_write)
 
     def take_sent(self) -> list[tuple[int, str]]:
         with self._idle:
@@ -174,12 +175,24 @@ class DeliveryWorker:
             log.warning("deferred queue_id=%s message_id=%s to=%s: %s (next try %s)", item.id,
                         item.message_id, item.recipient, result.reply, next_at.isoformat())
         else:
-            self._write(lambda s: queue.mark_failed_in(s, item.id, result.reply), wait=True)
-            log.error("failed queue_id=%s message_id=%s to=%s: %s", item.id, item.message_id,
-                      item.recipient, result.reply)
-            if self.on_failed:
-                self.on_failed(item, result.reply)
+            self._fail(item, result.reply)
         return outcome
+
+    def _fail(self, item: queue.Claimed, reason: str) -> None:
+        """Mark the row failed and queue its DSN (``on_failed``) in the same commit: a crash
+        or a failed write in between must not leave a failed row whose sender is never told.
+        If the commit fails, the row stays queued and is tried again, notice and all."""
+
+        def mark(session: Session) -> None:
+            queue.mark_failed_in(session, item.id, reason)
+            if self.on_failed is not None:
+                self.on_failed(session, item, reason)
+
+        self._write(mark, wait=True)
+        log.error("failed queue_id=%s message_id=%s to=%s: %s", item.id, item.message_id,
+                  item.recipient, reason)
+        if self.on_failed is not None:
+            self.wake()  # the DSN is queued
 
     def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:
         claimed = queue.claim_due_in(session, self.batch)
@@ -305,8 +318,7 @@ class DeliveryWorker:
                       result: SendResult | None = None) -> None:
         try:
             if sealed is None:
-                self._write(lambda s: queue.mark_failed_in(s, item.id, "payload missing"),
-                            wait=True)
+                self._fail(item, "payload missing")
                 return
             self.deliver_one(item, sealed, result)
         except Exception:  # one broken row must not stop delivery of the others
@@ -365,27 +377,6 @@ class DeliveryWorker:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
-
-
-class _SentFlush:
-    """A group-commit job that marks every pending sent row; rerun after a failed batch, it
-    marks the same rows again (it takes them once)."""
-
-    def __init__(self, worker: DeliveryWorker) -> None:
-        self.worker = worker
-        self.batch: list[tuple[int, str]] | None = None
-
-    def __call__(self, session: Session) -> None:
-        if self.batch is None:
-            self.batch = self.worker.take_sent()
-        queue.mark_sent_many(session, self.batch)
-
-
-def _log_failed_write(fut: Future[object]) -> None:
-    exc = fut.exception()
-    if exc is not None:
-        log.error("recording a delivery outcome failed (the row is retried after a restart): "
-                  "%s", exc)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

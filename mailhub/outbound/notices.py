@@ -9,7 +9,7 @@ omit the returned message or its headers, since those are protected health infor
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from email.message import EmailMessage
+from email.message import EmailMessage, Message, MIMEPart
 from email.utils import format_datetime, make_msgid
 
 from mailhub.parse.headers import strip_crlf
@@ -69,23 +69,30 @@ def failure_dsn(*, from_addr: str, from_name: str, sender: str, recipient: str, 
     code = reply[:5].strip()
     if len(code) >= 3 and code[0] == "5" and len(reply) > 8 and reply[4:9].count(".") == 2:
         status = reply[4:9]
-    fields = [f"Reporting-MTA: dns; {reporting_mta}"]
+    fields = [("Reporting-MTA", f"dns; {reporting_mta}")]
     if arrival is not None:
-        fields.append(f"Arrival-Date: {format_datetime(arrival.replace(tzinfo=UTC))}")
+        fields.append(("Arrival-Date", format_datetime(arrival.replace(tzinfo=UTC))))
     per_rcpt = [
-        f"Final-Recipient: rfc822; {recipient}",
-        "Action: failed",
-        f"Status: {status}",
-        f"Diagnostic-Code: smtp; {strip_crlf(reply)[:400]}",
+        ("Final-Recipient", f"rfc822; {recipient}"),
+        ("Action", "failed"),
+        ("Status", status),
+        ("Diagnostic-Code", f"smtp; {strip_crlf(reply)[:400]}"),
     ]
-    report = "\r\n".join(fields) + "\r\n\r\n" + "\r\n".join(per_rcpt) + "\r\n"
-    from email.message import MIMEPart
-
+    # the generator writes message/delivery-status from a list of header blocks (RFC 3464
+    # 2.1): a string payload there made every DSN fail to flatten, so none was ever sent
     part = MIMEPart()
-    part.set_payload(report)
     part["Content-Type"] = "message/delivery-status"
+    part.set_payload([_field_block(fields), _field_block(per_rcpt)])
     msg.make_mixed()
     msg.attach(part)
-    msg.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"; '
-                       f'boundary="{msg.get_boundary()}"')
+    msg.set_type("multipart/report")  # the boundary is made when the message is written
+    msg.set_param("report-type", "delivery-status")
     return msg
+
+
+def _field_block(fields: list[tuple[str, str]]) -> Message:
+    """One block of a delivery-status body: header-style fields, no body."""
+    block = Message()
+    for name, value in fields:
+        block[name] = value
+    return block

@@ -246,3 +246,31 @@ def test_key_import_refusals_are_clear(instance: Instance, short_tmp: Path) -> N
     assert code == 1 and err.startswith("mailhub: error:") and "Traceback" not in err
     code, out, err = instance.run("queue", "release", "999")
     assert code == 1 and "no queue entry 999" in err
+
+
+def test_refused_copy_comes_back_as_a_dsn_without_content(instance: Instance,
+                                                          sink: tuple[SinkHandler, int],
+                                                          short_tmp: Path) -> None:
+    # the smarthost refuses the encrypted copy for good: the row fails and, in that same
+    # commit, a DSN to the coordinator is queued; it names the recipient and the reply only
+    handler, _ = sink
+    add_user(instance)
+    _, pub = make_recipient(short_tmp, "gone@clinic-a.example")
+    code, _, err = instance.run("keys", "import", str(pub))
+    assert code == 0, err
+    handler.refuse["gone@clinic-a.example"] = "550 5.1.1 no such mailbox here"
+    running = RunningHub(instance.config).start()
+    try:
+        submit(instance, case_mail("gone@clinic-a.example"), ["gone@clinic-a.example"])
+        received = handler.wait_for(1)
+    finally:
+        running.stop()
+    assert [m.rcpt_tos for m in received] == [[COORD]]
+    dsn = received[0].content
+    assert b"multipart/report" in dsn and b"message/delivery-status" in dsn
+    assert b"gone@clinic-a.example" in dsn and b"5.1.1" in dsn
+    assert b"Hb 13.2" not in dsn and b"Pre-op bloods" not in dsn
+    code, out, _ = instance.run("queue", "list", "--json")
+    rows = {r["recipient"]: r for r in json.loads(out)}
+    assert rows["gone@clinic-a.example"]["status"] == "failed"
+    assert rows[COORD]["status"] == "sent"

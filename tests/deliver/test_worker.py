@@ -74,6 +74,35 @@ def test_permanent_refusal_fails_and_notifies(store: Store, servers: list[SmtpDo
     assert store.row(ok).status == "sent"
 
 
+def test_a_failed_row_and_its_notice_commit_together(store: Store,
+                                                    servers: list[SmtpDouble]) -> None:
+    # the DSN cannot be written (here: it raises; in life a crash or a database error right
+    # after the "failed" commit): the row must not end failed with its sender never told
+    server = serve(servers, rcpt_replies={"gone@clinic-a.example": "550 5.1.1 no such user"})
+    item = store.enqueue("gone@clinic-a.example", b"x\r\n")
+    worker = make_worker(store, server)
+
+    def broken(*_: object) -> None:
+        raise OSError("no space left on device")
+
+    worker.on_failed = broken
+    drain(worker)
+    row = store.row(item)
+    assert (row.status, row.sending_since) == ("queued", None)  # tried again, notice and all
+    queue.retry_all_now(store.engine)
+    drain(make_worker(store, server))
+    assert store.row(item).status == "failed"
+    assert store.failed == [(item, "550 5.1.1 no such user")]
+
+
+def test_a_row_without_payload_fails_with_a_notice(store: Store,
+                                                   servers: list[SmtpDouble]) -> None:
+    server = serve(servers)
+    item = store.enqueue("r@clinic-a.example", b"", payload=False)
+    drain(make_worker(store, server))
+    assert store.failed == [(item, "payload missing")]
+
+
 def test_gives_up_after_the_limit(store: Store, servers: list[SmtpDouble]) -> None:
     server = serve(servers, final_reply="452 4.3.1 out of storage")
     item = store.enqueue("r@clinic-a.example", b"x\r\n", created_at=utcnow() - timedelta(days=6))

@@ -54,7 +54,7 @@ def make_worker(store: Store, server: SmtpDouble, *, commits: bool = True,
     return DeliveryWorker(store.engine, store.sealer, config, helo="medvoyage.example",
                           commits=queue.GroupCommit(store.engine) if commits else None,
                           files=store.files,
-                          on_failed=lambda item, reply: store.failed.append((item.id, reply)))
+                          on_failed=lambda _, item, reply: store.failed.append((item.id, reply)))
 
 
 def drain(worker: DeliveryWorker) -> None:
