@@ -1,4 +1,5 @@
-"""The delivery worker's bookkeeping of rows it holds: "sent" marks waiting for a commit.
+"""The delivery worker's bookkeeping of rows it holds: "sent" marks waiting for a commit, and
+the claims of rows it is still sending, renewed so that they never look abandoned.
 
 Kept apart from ``worker`` so that module stays about sending; these are group-commit jobs and
 their callbacks, which run on the commit thread.
@@ -6,6 +7,8 @@ their callbacks, which run on the commit thread.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -37,3 +40,27 @@ def log_failed_write(fut: Future[object]) -> None:
     if exc is not None:
         log.error("recording a delivery outcome failed (the row is retried after a restart): "
                   "%s", exc)
+
+
+async def renew_claims(held: Callable[[], set[int]],
+                       write: Callable[[Callable[[Session], None]], None],
+                       stop: asyncio.Event, every: float) -> None:
+    """Every ``every`` s, stamp the rows still ``held`` as claimed now (``write`` commits,
+    blocking): a send that takes longer than ``queue.STALE_AFTER`` (a big message on a slow
+    link, a smarthost that takes minutes), or rows waiting behind one, must not be taken over
+    by another instance on the same database and sent twice."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            pass
+        ids = held()
+        if ids and not stop.is_set():
+            try:
+                await asyncio.to_thread(write, functools.partial(_renew, ids))
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("renewing %d delivery claims failed", len(ids))
+
+
+def _renew(ids: set[int], session: Session) -> None:
+    queue.renew_claims_in(session, ids)

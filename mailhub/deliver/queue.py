@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +37,9 @@ T = TypeVar("T")
 Job = tuple[Callable[[Session], Any], "Future[Any]"]
 
 STATUSES = ("queued", "held", "sent", "failed")
+# a claim older than this is taken to have died with its sender (another instance, or this
+# one before a restart) and is claimed again; a live sender renews its claims well before
+STALE_AFTER = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ class GroupCommit:
 
 
 def claim_due(engine: Engine, limit: int, now: datetime | None = None,
-              stale_after: timedelta = timedelta(minutes=10)) -> list[Claimed]:
+              stale_after: timedelta = STALE_AFTER) -> list[Claimed]:
     """Claim up to ``limit`` due rows for sending (one transaction)."""
     with Session(engine) as session:
         claimed = claim_due_in(session, limit, now, stale_after)
@@ -190,24 +193,45 @@ _CLAIM = (
     .order_by(_T.c.next_attempt_at, _T.c.id)
     .limit(bindparam("limit"))
 )
-_CLAIM_FOR_UPDATE = _CLAIM.with_for_update(skip_locked=True)  # instances share one database
+# rows this process is still sending are never claimed again, however old their claim;
+# instances on one PostgreSQL skip each other's locked rows. Keyed by (PostgreSQL, rows held).
+_CLAIM_HELD = _CLAIM.where(_T.c.id.not_in(bindparam("held", expanding=True)))
+_CLAIMS = {(pg, held): (query.with_for_update(skip_locked=True) if pg else query)
+           for held, query in ((False, _CLAIM), (True, _CLAIM_HELD)) for pg in (False, True)}
 _MARK_CLAIMED = (update(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
                  .values(sending_since=bindparam("now"), attempts=_T.c.attempts + 1))
 
 
 def claim_due_in(session: Session, limit: int, now: datetime | None = None,
-                 stale_after: timedelta = timedelta(minutes=10)) -> list[Claimed]:
-    """``claim_due`` inside the caller's transaction (the caller commits)."""
+                 stale_after: timedelta = STALE_AFTER,
+                 held: Collection[int] = ()) -> list[Claimed]:
+    """``claim_due`` inside the caller's transaction (the caller commits); ``held``: rows the
+    caller is still sending, left alone even when their claim looks stale."""
     now = now or utcnow()
     conn = session.connection()
-    query = _CLAIM_FOR_UPDATE if conn.dialect.name == "postgresql" else _CLAIM
-    rows = conn.execute(query, {"now": now, "stale": now - stale_after, "limit": limit}).all()
+    query = _CLAIMS[(conn.dialect.name == "postgresql", bool(held))]
+    params: dict[str, Any] = {"now": now, "stale": now - stale_after, "limit": limit}
+    if held:
+        params["held"] = sorted(held)
+    rows = conn.execute(query, params).all()
     if not rows:
         return []
     conn.execute(_MARK_CLAIMED, {"ids": [r.id for r in rows], "now": now})
     return [Claimed(r.id, r.source_id, r.message_id, r.sender, r.recipient, r.relay, r.kind,
                     r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0, r.method)
             for r in rows]
+
+
+_RENEW = (update(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)), _T.c.status == "queued",
+                          _T.c.sending_since.is_not(None))
+          .values(sending_since=bindparam("now")))
+
+
+def renew_claims_in(session: Session, ids: Collection[int], now: datetime | None = None) -> None:
+    """Stamp the claims a live sender still holds as fresh: a slow send (a big message on a
+    slow link, a smarthost that takes minutes) must not look like a dead instance's claim."""
+    if ids:
+        session.connection().execute(_RENEW, {"ids": sorted(ids), "now": now or utcnow()})
 
 
 _AUDIT_FACTS = select(_T.c.id, _T.c.message_id, _T.c.case_id, _T.c.recipient, _T.c.relay,

@@ -31,7 +31,7 @@ from sqlmodel import Session
 
 from mailhub.config import DeliveryConfig, HostPort
 from mailhub.deliver import queue
-from mailhub.deliver.claims import SentFlush, log_failed_write
+from mailhub.deliver.claims import SentFlush, log_failed_write, renew_claims
 from mailhub.deliver.fresh import FreshPayloads, Opened, Unreadable, WirePayload, take_claimed
 from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.deliver.payloads import sealed_payloads_in
@@ -72,6 +72,9 @@ class DeliveryWorker:
         self.on_failed = on_failed
         self.on_sent = on_sent
         self.batch = batch
+        self.stale_after = queue.STALE_AFTER  # a claim this old was lost with its sender
+        self.renew_every = self.stale_after.total_seconds() / 5  # so ours never look that old
+        self._held: set[int] = set()  # claimed rows not yet settled (under ``_idle``)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -179,9 +182,8 @@ class DeliveryWorker:
         return outcome
 
     def _fail(self, item: queue.Claimed, reason: str) -> None:
-        """Mark the row failed and queue its DSN (``on_failed``) in the same commit: a crash
-        or a failed write in between must not leave a failed row whose sender is never told.
-        If the commit fails, the row stays queued and is tried again, notice and all."""
+        """Mark the row failed and queue its DSN (``on_failed``) in one commit: no crash or
+        failed write can leave a failed row whose sender is never told (it stays queued)."""
 
         def mark(session: Session) -> None:
             queue.mark_failed_in(session, item.id, reason)
@@ -195,7 +197,8 @@ class DeliveryWorker:
             self.wake()  # the DSN is queued
 
     def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:
-        claimed = queue.claim_due_in(session, self.batch)
+        claimed = queue.claim_due_in(session, self.batch, stale_after=self.stale_after,
+                                     held=self._held_now())
         payloads: dict[int, WirePayload] = {}
         payloads.update(take_claimed(session.info, self.fresh,
                                      [(c.id, c.payload_id) for c in claimed]))
@@ -248,6 +251,7 @@ class DeliveryWorker:
         self._start_senders()
         with self._idle:
             self._inflight += len(claimed)
+            self._held.update(c.id for c in claimed)
         for c in claimed:
             self._jobs.put((c, payloads.get(c.payload_id)))
 
@@ -333,6 +337,7 @@ class DeliveryWorker:
         finally:
             with self._idle:
                 self._inflight -= 1
+                self._held.discard(item.id)  # its outcome is written (or queued before a claim)
                 waiter = None
                 if self._inflight <= self.cfg.workers:  # only then is anyone waiting for it
                     self._idle.notify_all()
@@ -349,6 +354,8 @@ class DeliveryWorker:
         self._loop_thread = threading.get_ident()
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(lambda _: self._wake.set())
+        renewer = asyncio.ensure_future(renew_claims(
+            self._held_now, lambda fn: self._write(fn, wait=True), stop, self.renew_every))
         try:
             while not stop.is_set():
                 self._wake.clear()  # before the claim: a row announced from now on is seen
@@ -364,6 +371,11 @@ class DeliveryWorker:
                 timer.cancel()
         finally:
             stopper.cancel()
+            renewer.cancel()
+
+    def _held_now(self) -> set[int]:
+        with self._idle:
+            return set(self._held)
 
     def close(self) -> None:
         """Send what is already queued, stop the sender threads, then QUIT every connection."""

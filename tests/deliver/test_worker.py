@@ -232,3 +232,28 @@ def test_rows_waiting_together_are_chained_and_each_keeps_its_outcome(
                             for i in range(12) if i != 5)
     assert server.connections == 1
     assert server.verbs().count("MAIL") == 12 and server.verbs().count("RSET") == 1
+
+
+def test_a_row_still_being_sent_is_never_claimed_again(store: Store,
+                                                       servers: list[SmtpDouble]) -> None:
+    """A claim older than ``stale_after`` is taken over (its sender died), but not while this
+    worker is still sending it: a slow smarthost and a long batch used to get the tail of the
+    batch claimed and sent a second time. Here every claim is stale at once."""
+    import time
+
+    from mailhub.deliver.worker import CHAIN
+
+    server = serve(servers, pipelining=False)
+    server.on_data.append(lambda: time.sleep(0.05))  # a smarthost that takes its time
+    ids = [store.enqueue(f"r{i}@clinic-a.example", f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
+           for i in range(CHAIN + 1)]
+    worker = make_worker(store, server, workers=1)
+    worker.stale_after = timedelta(0)
+    worker.run_batch()  # returns with the last row still in flight
+    worker.run_batch()
+    drain(worker)
+    bodies = [unstuff(tx.body or b"") for tx in server.transactions]
+    assert sorted(bodies) == sorted(f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
+                                    for i in range(CHAIN + 1))  # each exactly once
+    assert [store.row(i).status for i in ids] == ["sent"] * len(ids)
+    assert [store.row(i).attempts for i in ids] == [1] * len(ids)
