@@ -14,7 +14,8 @@ system store or ``ca_file`` and refuses to send without TLS; "opportunistic" use
 ``require_tls`` (explicit plaintext exceptions) is never sent over a connection without TLS.
 
 Outcomes: 250 after the body is sent; a refusal is permanent for 5xx and temporary otherwise,
-its reply kept as "<code> <text>", and RSET follows it (a 421 closes the connection instead). A
+its reply kept as "<code> <text>", and RSET follows it (a 421 closes the connection instead).
+A reply that cannot be read (no code, over ``smtp_wire.MAX_LINE`` or ``MAX_REPLY``) is temporary. A
 connection found lost is opened again once, then the attempt is a temporary failure.
 """
 
@@ -150,8 +151,11 @@ class SmtpConnection:
                 self._drop()
                 return SendResult(False, False, str(exc))
             except smtp_wire.ReplyTooLong:
-                self._drop()  # as smtplib reported it; the stream is out of step: not reused
-                return SendResult(False, True, "500 Line too long.")
+                # the stream is out of step: not reused. No refusal was read, so it is not
+                # permanent (a bounce would tell the sender a message failed that may yet go)
+                self._drop()
+                return SendResult(False, False, f"{self.host}:{self.port} sent a reply too long "
+                                  "to read (a line over 8 KiB or a reply over 64 KiB)")
             except OSError as exc:
                 self._drop()
                 return SendResult(False, False, f"{self.host}:{self.port}: {exc}")

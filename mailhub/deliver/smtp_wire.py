@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 CRLF = b"\r\n"
 MAX_LINE = 8192  # as smtplib: a longer reply line is a protocol error
+MAX_REPLY = 65536  # a multi-line reply past this is too (else an endless one fills memory)
 _EOL = re.compile(rb"\r\n|\r|\n")
 _DOT_LINE = re.compile(rb"\n\.")
 _LEADING_DOT = re.compile(rb"^\.", re.M)
@@ -51,6 +52,8 @@ def parse_reply(buf: bytes | bytearray, start: int = 0) -> tuple[Reply, int] | N
     pos = start
     code = -1
     while True:
+        if pos - start > MAX_REPLY:
+            raise ReplyTooLong("reply too long")
         end = buf.find(b"\n", pos)
         if end < 0:
             if len(buf) - pos > MAX_LINE:

@@ -400,3 +400,31 @@ def test_send_many_never_sends_a_tls_only_message_in_the_clear(servers: list[Smt
     assert "offered no TLS" in results[1].reply
     assert b"plaintext exception\r\n" not in [tx.body for tx in server.transactions]
     assert len(server.transactions) == 3
+
+
+@pytest.mark.parametrize("verb", ["RCPT", "."])
+@pytest.mark.parametrize("huge", ["250 " + "x" * 100_000, "250-x\r\n" * 20_000 + "250 x"])
+def test_an_unreadable_reply_is_a_temporary_failure(servers: list[SmtpDouble], verb: str,
+                                                    huge: str) -> None:
+    # a 100 KB reply line, or a reply of endless lines, is no answer from the server, least of
+    # all a permanent refusal: tried again later, not bounced to its sender as undeliverable
+    server = serve(servers, **({"rcpt_replies": {RCPT: huge}} if verb == "RCPT"
+                               else {"final_reply": huge}))
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert not result.ok and not result.permanent
+    assert "reply too long to read" in result.reply
+    assert len(result.reply) < 200
+
+
+def test_a_garbage_reply_is_a_temporary_failure(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, final_reply="\x00\xff garbage \x1b[31m")
+    conn = conn_to(server)
+    try:
+        result = conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+    assert not result.ok and not result.permanent

@@ -40,6 +40,12 @@ def test_parse_reply_too_long() -> None:
         parse_reply(b"250 " + b"x" * 9000)
     with pytest.raises(ReplyTooLong):
         parse_reply(b"250 " + b"x" * 9000 + b"\r\n")
+    endless = b"250-short line\r\n" * 10_000  # each line short, the reply without end
+    with pytest.raises(ReplyTooLong):
+        parse_reply(endless)
+    with pytest.raises(ReplyTooLong):
+        parse_reply(endless + b"250 done\r\n")
+    assert parse_reply(b"250-a\r\n" * 100 + b"250 b\r\n") is not None  # a long real one
 
 
 def test_enhanced_status_codes() -> None:
