@@ -15,8 +15,9 @@ system store or ``ca_file`` and refuses to send without TLS; "opportunistic" use
 
 Outcomes: 250 after the body is sent; a refusal is permanent for 5xx and temporary otherwise,
 its reply kept as "<code> <text>", and RSET follows it (a 421 closes the connection instead).
-A reply that cannot be read (no code, over ``smtp_wire.MAX_LINE`` or ``MAX_REPLY``) is temporary. A
-connection found lost is opened again once, then the attempt is a temporary failure.
+A reply that cannot be read (no code, over ``smtp_wire.MAX_LINE`` or ``MAX_REPLY``) is
+temporary. A connection found lost is opened again once, then the attempt is a temporary
+failure.
 """
 
 from __future__ import annotations
