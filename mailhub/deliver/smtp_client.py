@@ -18,6 +18,12 @@ its reply kept as "<code> <text>", and RSET follows it (a 421 closes the connect
 A reply that cannot be read (no code, over ``smtp_wire.MAX_LINE`` or ``MAX_REPLY``) is
 temporary. A connection found lost is opened again once, then the attempt is a temporary
 failure.
+
+Timeouts: ``timeout`` (60 s) for the greeting and each command's reply, ``final_timeout``
+(10 minutes, RFC 5321 4.5.3.2.6) for the reply to the end of a message's data, which a server
+may give only after scanning the message: a client that gives up sooner and sends again makes
+duplicates. ``abort`` (an event set by the worker's shutdown) cuts off a send that waits past
+the worker's grace, and no connection is opened again once it is set.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,9 @@ class SendResult:
 
 
 SENT = SendResult(True, False, "250 accepted")
+FINAL_TIMEOUT = 600.0  # seconds for the reply after the data (RFC 5321 4.5.3.2.6)
+SHUTTING_DOWN = SendResult(False, False, "not sent: the hub was shutting down (sent again "
+                           "after the restart; the next hop may already have it)")
 
 
 @dataclass(frozen=True)
@@ -88,12 +98,16 @@ class SmtpConnection:
     """A reusable connection to one next hop; reconnects when the server closed it."""
 
     def __init__(self, host: str, port: int, *, starttls: str = "opportunistic",
-                 ca_file: Path | None = None, helo: str = "mailhub", timeout: float = 60) -> None:
+                 ca_file: Path | None = None, helo: str = "mailhub", timeout: float = 60,
+                 final_timeout: float = FINAL_TIMEOUT,
+                 abort: threading.Event | None = None) -> None:
         self.host, self.port = host, port
         self.starttls = starttls
         self.ca_file = ca_file
         self.helo = helo
         self.timeout = timeout
+        self.final_timeout = final_timeout
+        self.abort = abort or threading.Event()
         self._smtp: smtplib.SMTP | None = None
         self._sock: socket.socket | None = None
         self._reader: ReplyReader | None = None
@@ -137,6 +151,9 @@ class SmtpConnection:
              smtputf8: bool = False, clean_body: bool = False) -> SendResult:
         """Send one message to one recipient; map every outcome to ok/temporary/permanent."""
         for attempt in (1, 2):
+            if self.abort.is_set():  # a send cut off by shutdown is not made again now
+                self._drop()
+                return SHUTTING_DOWN
             try:
                 if self._sock is None:
                     self._connect()
@@ -192,7 +209,7 @@ class SmtpConnection:
         append each settled outcome to ``results`` as it comes (they stand even when the
         connection then fails: raised, and the rest is left to the caller)."""
         sock, reader = self._sock, self._reader
-        if sock is None or reader is None or not self.pipelining:
+        if sock is None or reader is None or not self.pipelining or self.abort.is_set():
             return
         heads: list[bytes] = []
         for item in items:
@@ -212,7 +229,7 @@ class SmtpConnection:
             if refusal is None:
                 sock.sendall(smtp_wire.data_payload(item.data, clean_body=item.clean_body)
                              + after)
-                final = reader.read()
+                final = self._final_reply(sock, reader)
                 results.append(SENT if final.code == 250 else refused(final))
                 if final.code == 421:  # the server is closing: the next MAIL went nowhere
                     self._drop()
@@ -246,12 +263,32 @@ class SmtpConnection:
         refusal = first_refusal(replies)
         if refusal is None:
             sock.sendall(smtp_wire.data_payload(data, clean_body=clean_body))
-            final = reader.read()
+            final = self._final_reply(sock, reader)
             if final.code == 250:
                 return SENT
             self._after_refusal(final)
             return refused(final)
         return self._end_refused(replies, refusal)
+
+    def _final_reply(self, sock: socket.socket, reader: ReplyReader) -> Reply:
+        """The reply to the end of the data, waited for ``final_timeout``: the server may be
+        scanning the message, and giving up after the usual timeout would send it twice."""
+        sock.settimeout(self.final_timeout)
+        try:
+            return reader.read()
+        finally:
+            if self._sock is sock:
+                sock.settimeout(self.timeout)
+
+    def cut_off(self) -> None:
+        """From another thread, with ``abort`` set: end a send blocked on this connection (its
+        reads see the end of the stream; the row is retried, never resent at once)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP stream, not TLS's
+            except OSError:
+                pass
 
     def _envelope(self, sender: str, recipient: str, size: int,
                   smtputf8: bool) -> tuple[bytes, bytes] | None:

@@ -23,20 +23,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from mailhub.config import DeliveryConfig, HostPort
+from mailhub.config import DeliveryConfig
 from mailhub.deliver import queue
 from mailhub.deliver.claims import SentFlush, log_failed_write, renew_claims
 from mailhub.deliver.fresh import FreshPayloads, Opened, Unreadable, WirePayload, take_claimed
+from mailhub.deliver.hops import NextHops
 from mailhub.deliver.payload_files import PayloadFiles
 from mailhub.deliver.payloads import sealed_payloads_in
 from mailhub.deliver.retry import backoff_delay, next_step
-from mailhub.deliver.smtp_client import Outgoing, SendResult, SmtpConnection
+from mailhub.deliver.smtp_client import Outgoing, SendResult
 from mailhub.errors import StoreError
 from mailhub.spool.spool import Sealer
 from mailhub.store.models import utcnow
@@ -48,6 +50,7 @@ CHAIN = 8  # rows a sender thread takes at once and sends back to back
 # a queued row of these methods carries what the hub's own PGP/MIME or S/MIME writer made: its
 # body needs no CRLF or dot check before DATA (smtp_wire.data_payload's ``clean_body``)
 WRITTEN_BY_HUB = frozenset({"openpgp", "smime"})
+CLOSE_GRACE = 30.0  # seconds a shutdown waits for sends in progress before cutting them off
 
 
 # called inside the transaction that marks the row failed: the row and its DSN commit together
@@ -78,11 +81,10 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._local = threading.local()
+        self.hops = NextHops(cfg, helo)
         self._jobs: SimpleQueue[tuple[queue.Claimed, WirePayload | None] | None] = SimpleQueue()
         self.fresh = FreshPayloads()  # payloads just queued, handed over in memory
         self._senders: list[threading.Thread] = []
-        self._connections: list[SmtpConnection] = []
         self._lock = threading.Lock()
         self._inflight = 0
         self._idle = threading.Condition()
@@ -99,27 +101,6 @@ class DeliveryWorker:
             self._loop.call_soon_threadsafe(self._wake.set)
         except RuntimeError:  # the loop is closed: nothing is left to wake
             pass
-
-    def _hop(self, relay: str) -> HostPort:
-        if relay == "internal" and self.cfg.internal_relay is not None:
-            return self.cfg.internal_relay
-        return self.cfg.smarthost
-
-    def _connection(self, relay: str) -> SmtpConnection:
-        """This thread's connection to the relay's next hop (made on first use)."""
-        try:
-            return self._local.conns[relay]  # type: ignore[no-any-return]
-        except AttributeError:
-            self._local.conns = {}
-        except KeyError:
-            pass
-        hop = self._hop(relay)
-        conn = SmtpConnection(hop.host, hop.port, starttls=self.cfg.starttls,
-                              ca_file=self.cfg.ca_file, helo=self.helo)
-        self._local.conns[relay] = conn
-        with self._lock:
-            self._connections.append(conn)
-        return conn
 
     def _write(self, fn: Callable[[Session], object], *, wait: bool) -> None:
         """Record an outcome: through the group commit when there is one (``wait``: block
@@ -158,7 +139,7 @@ class DeliveryWorker:
         outcome (blocking; runs in a worker thread)."""
         if result is None:
             data = self._open(item, sealed)
-            result = self._connection(item.relay).send(item.sender, item.recipient, data,
+            result = self.hops.connection(item.relay).send(item.sender, item.recipient, data,
                                                        require_tls=item.require_tls,
                                                        smtputf8=_needs_smtputf8(item),
                                                        clean_body=item.method in WRITTEN_BY_HUB)
@@ -302,7 +283,7 @@ class DeliveryWorker:
             for relay, group in groups.items():
                 if len(group) < 2:
                     continue
-                sent = self._connection(relay).send_many([
+                sent = self.hops.connection(relay).send_many([
                     Outgoing(item.sender, item.recipient, self._open(item, sealed),
                              item.require_tls, _needs_smtputf8(item),
                              item.method in WRITTEN_BY_HUB)
@@ -377,18 +358,28 @@ class DeliveryWorker:
         with self._idle:
             return set(self._held)
 
-    def close(self) -> None:
-        """Send what is already queued, stop the sender threads, then QUIT every connection."""
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Send what is already queued, stop the sender threads, then QUIT every connection.
+
+        A next hop that has not answered within ``grace`` seconds (it may take ten minutes to
+        reply to a message's data) is cut off: those rows and any still queued are retried
+        after the restart, so a shutdown never waits on a hung smarthost."""
         with self._lock:
             senders, self._senders = self._senders, []
         for _ in senders:
             self._jobs.put(None)
+        deadline = time.monotonic() + grace
         for thread in senders:
-            thread.join()
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [thread for thread in senders if thread.is_alive()]
+        if stuck:
+            log.warning("shutting down: %d delivery connection(s) still waiting for the next "
+                        "hop after %.0f s are cut off; their messages are retried after the "
+                        "restart", len(stuck), grace)
+            self.hops.cut_off()
+            for thread in stuck:
+                thread.join(grace)
+        self.hops.close()
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

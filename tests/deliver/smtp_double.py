@@ -42,6 +42,7 @@ class SmtpDouble:
     drop_at: str = ""  # a verb ("MAIL", "DATA", ".") at which to hang up without a reply
     drops: int = 0  # how many connections hang up there (-1: all of them)
     drop_skip: int = 0  # times ``drop_at`` is passed on a connection before it hangs up there
+    final_delay: float = 0.0  # seconds before the reply to a message's data (-1: never)
     lines: list[bytes] = field(default_factory=list)  # every command line, every connection
     transactions: list[Transaction] = field(default_factory=list)
     connections: int = 0
@@ -132,6 +133,10 @@ class SmtpDouble:
                         self.transactions.append(Transaction(commands, body, tls))
                         for hook in self.on_data:
                             hook()  # type: ignore[operator]
+                        if self.final_delay < 0:  # a next hop that never answers
+                            await reader.read()
+                            return
+                        await asyncio.sleep(self.final_delay)  # scanning the message, say
                         out.append(self.final_reply)
                     mail_ok = rcpt_ok = False
                 elif verb == "RSET":

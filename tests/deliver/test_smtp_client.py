@@ -4,10 +4,12 @@ and a scripted server that pipelines, speaks STARTTLS and records every byte it 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 
-from mailhub.deliver.smtp_client import Outgoing, SmtpConnection
+from mailhub.deliver.smtp_client import SHUTTING_DOWN, Outgoing, SendResult, SmtpConnection
 from tests.conftest import SinkHandler
 from tests.deliver.smtp_double import SmtpDouble, TlsFiles, make_tls_files, serve, unstuff
 
@@ -179,6 +181,42 @@ def test_reconnects_once_after_a_drop(servers: list[SmtpDouble], drop_at: str) -
         conn.close()
     assert result.ok
     assert server.connections == 2 and len(server.transactions) == 1
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_slow_reply_to_the_data_is_waited_for(servers: list[SmtpDouble], chained: bool) -> None:
+    """A next hop scanning a message may answer its data after the usual timeout: that reply
+    is waited for (RFC 5321's ten minutes), not given up on and the message sent again."""
+    server = serve(servers, final_delay=1.0)
+    conn = SmtpConnection("127.0.0.1", server.port, timeout=0.3, final_timeout=30)
+    try:
+        if chained:
+            results = conn.send_many([Outgoing(SENDER, RCPT, b"x\r\n"),
+                                      Outgoing(SENDER, RCPT, b"y\r\n")])
+        else:
+            results = [conn.send(SENDER, RCPT, b"x\r\n")]
+    finally:
+        conn.close()
+    assert [r.ok for r in results] == [True] * len(results)
+    assert server.connections == 1 and len(server.transactions) == len(results)
+
+
+def test_a_send_cut_off_at_shutdown_is_not_made_again(servers: list[SmtpDouble]) -> None:
+    server = serve(servers, final_delay=-1)  # takes the data, never answers
+    abort = threading.Event()
+    conn = SmtpConnection("127.0.0.1", server.port, timeout=10, abort=abort)
+    got: list[SendResult] = []
+    sender = threading.Thread(target=lambda: got.append(conn.send(SENDER, RCPT, b"x\r\n")))
+    sender.start()
+    while not server.transactions and sender.is_alive():
+        time.sleep(0.01)
+    abort.set()
+    conn.cut_off()
+    sender.join(10)
+    assert not sender.is_alive()
+    assert got == [SHUTTING_DOWN] and not got[0].permanent
+    assert server.connections == 1 and len(server.transactions) == 1
+    assert conn.send(SENDER, RCPT, b"y\r\n") == SHUTTING_DOWN and server.connections == 1
 
 
 def test_drop_twice_is_a_temporary_failure(servers: list[SmtpDouble]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -257,3 +258,27 @@ def test_a_row_still_being_sent_is_never_claimed_again(store: Store,
                                     for i in range(CHAIN + 1))  # each exactly once
     assert [store.row(i).status for i in ids] == ["sent"] * len(ids)
     assert [store.row(i).attempts for i in ids] == [1] * len(ids)
+
+
+def test_shutdown_cuts_off_a_next_hop_that_does_not_answer(store: Store,
+                                                            servers: list[SmtpDouble],
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    """A smarthost that took the data and never answers does not hold a shutdown for its ten
+    minutes: past the grace the send is cut off and the row stays queued for the restart."""
+    server = serve(servers, final_delay=-1)
+    item = store.enqueue("slow@clinic-a.example", b"x\r\n")
+    worker = make_worker(store, server)
+    worker.run_batch()
+    while not server.transactions:
+        time.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="mailhub.deliver"):
+        worker.close(grace=0.2)
+    assert worker.commits is not None
+    worker.commits.close()
+    row = store.row(item)
+    assert (row.status, row.sending_since) == ("queued", None)
+    assert row.reason.startswith("not sent: the hub was shutting down")
+    assert server.connections == 1 and len(server.transactions) == 1
+    assert store.failed == []
+    assert any("cut off" in r.getMessage() for r in caplog.records)
