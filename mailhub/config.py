@@ -33,7 +33,7 @@ class HostPort:
 class HubConfig:
     domain: str
     data_dir: Path
-    database_url: str
+    database_url: str = field(repr=False)  # may carry a database password
     keys_dir: Path
     rules_dir: Path
     templates_dir: Path

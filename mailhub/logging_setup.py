@@ -83,6 +83,7 @@ class BatchingStreamHandler(logging.Handler):
 def configure(level: str | int, *, debug: bool = False) -> BatchingStreamHandler:
     """Set up the root logger of a serving process (the parent or a submission child).
 
+    Library loggers that dump message content stay quiet at every level (see below).
     Below DEBUG, aiosmtpd's own lines are kept to warnings (its five INFO lines per message cost
     more CPU than receiving the message), so are alembic's and apscheduler's, and records skip what the format never shows: the
     calling file and line, thread, process names."""
@@ -94,6 +95,10 @@ def configure(level: str | int, *, debug: bool = False) -> BatchingStreamHandler
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+    # Never, not even with --debug: imapclient turns imaplib's wire trace on and sends it here at
+    # DEBUG, every line the IMAP server sends, so every fetched case message in the clear.
+    # (SQLAlchemy, which would log rows and so password hashes, keeps its loggers at WARNING.)
+    logging.getLogger("imapclient.imaplib").setLevel(logging.WARNING)
     if not debug and root.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
         # libraries' start-up chatter (alembic's plugin set-up, apscheduler's job bookkeeping at

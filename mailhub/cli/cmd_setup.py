@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlmodel import Session, select
 
 from mailhub.app import Hub
@@ -139,7 +140,9 @@ def _init_files(config: Config) -> None:
     from mailhub.crypto.keystore import record_own_keys
 
     record_own_keys(hub)
-    print(f"database ready: {config.hub.db_url if config.hub.database_url else config.hub.data_dir}")
+    where = (make_url(config.hub.database_url).render_as_string(hide_password=True)
+             if config.hub.database_url else config.hub.data_dir)  # terminals end up in logs
+    print(f"database ready: {where}")
     print(f"hub OpenPGP fingerprint: {hub.hub_fingerprint()}")
     if "openpgp" in made:  # the agent that made the key must not outlive init (a running hub's
         # agent is another matter: init only made a key when there was none, so no hub ran)

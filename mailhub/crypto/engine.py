@@ -8,7 +8,7 @@ message, protects it and returns the bytes to send.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any
@@ -23,7 +23,7 @@ class ProtectJob:
     gnupghome: str = ""
     signer_fpr: str = ""
     recipient_fprs: tuple[str, ...] = ()
-    signer_key_pem: bytes = b""
+    signer_key_pem: bytes = field(default=b"", repr=False)  # the hub's private key
     signer_cert_pem: bytes = b""
     recipient_cert_pems: tuple[bytes, ...] = ()
     autocrypt_header: str = ""

@@ -32,13 +32,16 @@ from mailhub.crypto.openpgp_ops import detached_signature, sign_encrypt
 ENCRYPTED_SUBJECT = "..."
 ENCRYPTED_PREAMBLE = "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)"
 SIGNED_PREAMBLE = "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)"
-# Headers the outer, visible message keeps: addressing, threading, trace, loop prevention.
-OUTER_KEEP = ("from", "to", "cc", "reply-to", "date", "message-id", "in-reply-to", "references",
-              "received", "return-path", "auto-submitted")
-# Never sent: Bcc would disclose blind recipients; the client's own Autocrypt/OpenPGP headers
-# would advertise the coordinator's personal key instead of the hub's; our own trust header.
-DROPPED = ("bcc", "resent-bcc", "autocrypt", "autocrypt-gossip", "openpgp", "mailhub-protection",
-           "mime-version")
+# Headers the outer, visible message keeps: addressing, threading, loop prevention (as the
+# S/MIME side). Reply-To is not routing and its display name can name the patient: inside only.
+OUTER_KEEP = ("from", "sender", "to", "cc", "date", "message-id", "in-reply-to", "references",
+              "auto-submitted")
+# Never sent: Bcc would disclose blind recipients, and so would the submission hop's trace
+# fields ("Received: ... for <bcc@...>", internal hosts and addresses); the client's own
+# Autocrypt/OpenPGP headers would advertise the coordinator's personal key instead of the
+# hub's; our own trust header.
+DROPPED = ("bcc", "resent-bcc", "received", "return-path", "delivered-to", "x-original-to",
+           "autocrypt", "autocrypt-gossip", "openpgp", "mailhub-protection", "mime-version")
 _FLAT = policy.SMTP  # CRLF, 8bit allowed inside the ciphertext
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")

@@ -17,14 +17,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
 class Opened:
     """A payload that needs no unsealing: the bytes the pipeline stored."""
 
-    data: bytes
+    data: bytes = field(repr=False)  # a message: never in logs or tracebacks
 
 
 @dataclass(frozen=True, slots=True)

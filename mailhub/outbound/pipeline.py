@@ -51,12 +51,12 @@ T = TypeVar("T")
 @dataclass
 class Prepared:
     spool_id: str
-    raw: bytes
+    raw: bytes = field(repr=False)  # the plaintext message: never in logs or tracebacks
     message_id: str
     sender: str
     visible: set[str]
     decisions: dict[str, OutboundDecision]
-    outputs: dict[str, bytes] = field(default_factory=dict)  # recipient -> wire bytes
+    outputs: dict[str, bytes] = field(default_factory=dict, repr=False)  # recipient -> wire bytes
     failures: dict[str, str] = field(default_factory=dict)  # recipient -> crypto error
     case_id: str | None = None
     headers: Message | None = None  # the header section as the case store parses it

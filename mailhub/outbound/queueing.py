@@ -9,7 +9,7 @@ each held recipient, and an audit entry for each decision.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import SMTP
 
@@ -30,7 +30,7 @@ class RowSpec:
     status: str  # queued | held
     method: str
     relay: str
-    data: bytes
+    data: bytes = field(repr=False)  # a message (plaintext when held): never in logs
     reason: str = ""
     require_tls: bool = False
     trace: str = ""

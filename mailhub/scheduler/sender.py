@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -78,7 +78,7 @@ class Outcome:
 class StepMessage:
     mail_from: str
     rcpt: str
-    raw: bytes
+    raw: bytes = field(repr=False)  # the rendered care mail: never in logs or tracebacks
     message_id: str
     template_version: str
     language: str

@@ -61,7 +61,7 @@ class Envelope:
 class SpooledMessage:
     spool_id: str
     envelope: Envelope
-    content: bytes
+    content: bytes = field(repr=False)  # the message itself: never in logs or tracebacks
 
 
 def new_spool_id() -> str:

@@ -7,6 +7,7 @@ an existing database in place; nothing is ever dropped and re-created.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +27,25 @@ WAL_SIZE_LIMIT = 64 << 20  # bytes of SQLite write-ahead log kept after a checkp
 PAGE_SIZE = 16384  # bytes of an SQLite page in a database this hub creates
 
 
+def _private_file(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would use 0644, and its -wal and -shm
+    files copy the database's mode): it holds patients' names and addresses and the password
+    hashes in the clear, and ``data_dir`` may be an existing, world-readable folder."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            log.warning("database %s is readable by others (mode %o); chmod 600 it and its "
+                        "-wal and -shm files", path, path.stat().st_mode & 0o777)
+
+
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     """Create the engine; SQLite gets WAL, full fsync on commit and a generous busy timeout."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(path))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

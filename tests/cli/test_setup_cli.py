@@ -18,6 +18,7 @@ from mailhub.config import load_config
 from mailhub.ingress.auth import verify_password
 from mailhub.store.models import User
 from tests.conftest import Instance, agents_of
+from tests.pgserver import pg_url  # noqa: F401 - the fixture
 
 COORD = "anna@medvoyage.example"
 
@@ -174,3 +175,18 @@ def test_init_piped_into_a_reader_that_leaves_early_still_makes_the_whole_instan
     rows = json.loads(mailhub("--config", str(target / "config.toml"), "keys", "list",
                               "--json")[1])
     assert {(r["kind"], r["own"]) for r in rows} == {("openpgp", True), ("smime", True)}
+
+
+def test_init_does_not_print_the_database_password(short_tmp: Path,
+                                                   pg_url: str) -> None:  # noqa: F811
+    """The server trusts loopback, so any password works: init must not echo it."""
+    target = short_tmp / "hub"
+    assert mailhub("init", str(target))[0] == 0
+    url = pg_url.replace("://mailhub@", "://mailhub:pg-pass-42@")
+    assert url != pg_url
+    cfg = target / "config.toml"
+    cfg.write_text(cfg.read_text().replace('database_url = ""', f'database_url = "{url}"', 1))
+    code, out, err = mailhub("init", str(target))
+    assert code == 0, err
+    assert "database ready: postgresql+psycopg://mailhub:***@" in out
+    assert "pg-pass-42" not in out + err
