@@ -50,6 +50,12 @@ def verify_password(password: str, stored: str) -> bool:
 class FailureThrottle:
     """Counts AUTH failures per client address and says how long to wait before replying.
 
+    Past the free failures each AUTH from the address waits its turn: a step after the one
+    before it, whatever connection it came on, the step doubling with each failure up to
+    ``max_delay``. Waiting per connection only, a guesser with a hundred connections had a
+    hundred guesses per delay; now it has one. An AUTH whose turn is more than ``max_delay``
+    away is refused at once (``None``): connections do not pile up waiting.
+
     The counts live in this process (``_get``/``_put``/``_drop``); ``SharedFailureThrottle``
     keeps them where every submission process sees them."""
 
@@ -57,27 +63,32 @@ class FailureThrottle:
     base_delay: float = 1.0
     max_delay: float = 30.0
     forget_after: float = 900.0
-    _failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _failures: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
-    def delay_for(self, client: str, now: float | None = None) -> float:
+    def delay_for(self, client: str, now: float | None = None) -> float | None:
+        """Seconds this AUTH waits before it is checked (its turn is taken); None: refuse it."""
         now = time.monotonic() if now is None else now
         with self._locked():
-            count, last = self._get(client) or (0, now)
+            count, last, turn = self._get(client) or (0, now, 0.0)
             if now - last > self.forget_after:
                 self._drop(client)
                 return 0.0
-        over = count - self.free_failures
-        if over < 0:
-            return 0.0
-        return min(self.max_delay, self.base_delay * (2**over))
+            over = count - self.free_failures
+            if over < 0:
+                return 0.0
+            at = max(now, turn) + min(self.max_delay, self.base_delay * (2**over))
+            if at - now > self.max_delay:
+                return None
+            self._put(client, count, last, at)
+        return at - now
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._locked():  # read and written together: concurrent failures all count
-            count, last = self._get(client) or (0, now)
+            count, last, turn = self._get(client) or (0, now, 0.0)
             if now - last > self.forget_after:
-                count = 0
-            self._put(client, count + 1, now)
+                count, turn = 0, 0.0
+            self._put(client, count + 1, now, turn)
 
     def succeeded(self, client: str) -> None:
         with self._locked():
@@ -87,11 +98,11 @@ class FailureThrottle:
     def _locked(self) -> AbstractContextManager[object]:
         return nullcontext()
 
-    def _get(self, client: str) -> tuple[int, float] | None:
+    def _get(self, client: str) -> tuple[int, float, float] | None:
         return self._failures.get(client)
 
-    def _put(self, client: str, count: int, last: float) -> None:
-        self._failures[client] = (count, last)
+    def _put(self, client: str, count: int, last: float, turn: float) -> None:
+        self._failures[client] = (count, last, turn)
         if len(self._failures) > 10000:  # bound memory under a spray of addresses
             oldest = sorted(self._failures.items(), key=lambda kv: kv[1][1])[:5000]
             for key, _ in oldest:

@@ -24,17 +24,19 @@ SLOTS = 4096
 
 @dataclass(frozen=True)
 class FailureTable:
-    """Shared arrays: per slot the address's hash (0: empty), its failure count, the last one."""
+    """Shared arrays: per slot the address's hash (0: empty), its failure count, the last one,
+    and when its last AUTH's turn came (``FailureThrottle.delay_for``)."""
 
     keys: Any  # RawArray('q')
     counts: Any  # RawArray('q')
     lasts: Any  # RawArray('d'), time.monotonic() (one clock for every process on the host)
+    turns: Any  # RawArray('d'), time.monotonic()
     lock: Any
 
     @classmethod
     def create(cls, ctx: BaseContext, slots: int = SLOTS) -> FailureTable:
         return cls(ctx.RawArray("q", slots), ctx.RawArray("q", slots), ctx.RawArray("d", slots),
-                   ctx.Lock())
+                   ctx.RawArray("d", slots), ctx.Lock())
 
 
 def _key(client: str) -> int:
@@ -58,17 +60,19 @@ class SharedFailureThrottle(FailureThrottle):
         assert self.table is not None
         return self.table.lock  # type: ignore[no-any-return]
 
-    def _get(self, client: str) -> tuple[int, float] | None:
+    def _get(self, client: str) -> tuple[int, float, float] | None:
         table, key, slot = self._slot(client)
         if table.keys[slot] != key:
             return None
-        return int(table.counts[slot]), float(table.lasts[slot])
+        return int(table.counts[slot]), float(table.lasts[slot]), float(table.turns[slot])
 
-    def _put(self, client: str, count: int, last: float) -> None:
+    def _put(self, client: str, count: int, last: float, turn: float) -> None:
         table, key, slot = self._slot(client)
         table.keys[slot], table.counts[slot], table.lasts[slot] = key, count, last
+        table.turns[slot] = turn
 
     def _drop(self, client: str) -> None:
         table, key, slot = self._slot(client)
         if table.keys[slot] == key:
             table.keys[slot], table.counts[slot], table.lasts[slot] = 0, 0, 0.0
+            table.turns[slot] = 0.0

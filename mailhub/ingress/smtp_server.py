@@ -253,10 +253,16 @@ class HubSMTP(SMTP):
     @syntax("AUTH <mechanism>")  # as aiosmtpd's: HELP reads it from the method
     async def smtp_AUTH(self, arg: str) -> None:
         if self.throttle is not None and self.session is not None:
-            delay = self.throttle.delay_for(_client_ip(self.session.peer))
+            client = _client_ip(self.session.peer)
+            delay = self.throttle.delay_for(client)
+            if delay is None:  # its turn is too far off: other connections are guessing too
+                log.info("refusing AUTH from %s: repeated failures, attempts already waiting",
+                         client)
+                await self.push("454 4.7.0 Too many failed logins from your address; "
+                                "try again later")
+                return
             if delay:
-                log.info("slowing AUTH from %s by %.1fs after repeated failures",
-                         _client_ip(self.session.peer), delay)
+                log.info("slowing AUTH from %s by %.1fs after repeated failures", client, delay)
                 await asyncio.sleep(delay)
         await super().smtp_AUTH(arg)
 

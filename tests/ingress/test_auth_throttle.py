@@ -24,13 +24,15 @@ def test_free_failures_then_doubling_delays_forgotten_after_a_while(
     for n in range(2):
         throttle.failed(IP, now=100.0 + n)
         assert throttle.delay_for(IP, now=100.0 + n) == 0.0  # a mistyped password is free
-    delays = []  # the wait before answering the next AUTH
-    for n in range(2, 9):
-        throttle.failed(IP, now=100.0 + n)
-        delays.append(throttle.delay_for(IP, now=100.0 + n))
+    delays: list[float | None] = []  # the wait before answering the next AUTH
+    now = 102.0
+    for _ in range(2, 9):  # one connection: each AUTH is sent once the last was answered
+        throttle.failed(IP, now=now)
+        delays.append(delay := throttle.delay_for(IP, now=now))
+        now += delay or 0.0
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-    assert throttle.delay_for("198.51.100.1", now=110.0) == 0.0  # per address
-    assert throttle.delay_for(IP, now=108.0 + 901) == 0.0  # forgotten after 15 minutes
+    assert throttle.delay_for("198.51.100.1", now=now) == 0.0  # per address
+    assert throttle.delay_for(IP, now=now + 901) == 0.0  # forgotten after 15 minutes
     throttle.failed(IP, now=2000.0)
     assert throttle.delay_for(IP, now=2000.0) == 0.0  # counting starts over
     for n in range(5):
@@ -38,6 +40,20 @@ def test_free_failures_then_doubling_delays_forgotten_after_a_while(
     assert throttle.delay_for(IP, now=2006.0) > 0
     throttle.succeeded(IP)
     assert throttle.delay_for(IP, now=2006.0) == 0.0
+
+
+@pytest.mark.parametrize("throttle", _throttles(), ids=["in-process", "shared"])
+def test_auths_on_parallel_connections_take_turns(throttle: FailureThrottle) -> None:
+    """Many connections from one guesser get one AUTH per step between them, not one each;
+    one whose turn is over ``max_delay`` away is refused at once instead of waiting."""
+    for _ in range(5):
+        throttle.failed(IP, now=100.0)  # two over the free ones: a step of 4 s
+    waits = [throttle.delay_for(IP, now=100.0) for _ in range(9)]
+    assert waits == [4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0, None, None]
+    assert throttle.delay_for("198.51.100.1", now=100.0) == 0.0  # others are not held up
+    assert throttle.delay_for(IP, now=128.0) == 4.0  # once the turns have passed
+    throttle.succeeded(IP)
+    assert throttle.delay_for(IP, now=128.0) == 0.0
 
 
 def _fail_in_child(table: FailureTable, client: str, times: int) -> None:

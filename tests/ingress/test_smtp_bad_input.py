@@ -125,6 +125,39 @@ def test_auth_unknown_mechanism_wrong_password_and_throttle(served: Instance) ->
     still_serves(served)
 
 
+def test_parallel_connections_do_not_multiply_guesses(served: Instance) -> None:
+    """Past the free failures, AUTHs from one address take turns across connections: three
+    sent at once are answered a step apart, not all after one step."""
+    bad = base64.b64encode(f"\0{COORD}\0wrong".encode()).decode()
+
+    def connect() -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", served.submission_port, timeout=60)
+        s.starttls(context=tls())
+        s.ehlo()
+        return s
+
+    first = connect()
+    for _ in range(3):
+        assert first.docmd("AUTH", f"PLAIN {bad}")[0] == 535
+    others = [connect() for _ in range(3)]
+    try:
+        started = time.monotonic()
+        for s in others:
+            s.send(f"AUTH PLAIN {bad}\r\n".encode())
+        answered = []
+        for s in others:
+            assert s.getreply()[0] == 535
+            answered.append(time.monotonic() - started)
+        good = base64.b64encode(f"\0{COORD}\0{PASSWORD}".encode()).decode()
+        assert first.docmd("AUTH", f"PLAIN {good}")[0] == 235  # and the count is cleared
+    finally:
+        for s in [first, *others]:
+            s.close()
+    # turns one, two and three steps (of 1 s) away: a behaviour check, not a timing one
+    assert max(answered) >= 2.5
+    still_serves(served)
+
+
 def test_submission_sender_must_be_ours_and_recipient_valid(served: Instance) -> None:
     with smtplib.SMTP("127.0.0.1", served.submission_port, timeout=30) as s:
         s.starttls(context=tls())
