@@ -56,6 +56,8 @@ class ListenerConfig:
     max_message_size: int = 26214400
     require_tls_for_auth: bool = True
     auth_failures_before_delay: int = 3
+    max_connections_per_client: int = 20
+    max_connections: int = 500
 
 
 @dataclass(frozen=True)
@@ -309,18 +311,25 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     )
 
     smtp = _Section("smtp", raw.get("smtp", {}), {"inbound", "submission"})
-    inb = _Section("smtp.inbound", smtp.data.get("inbound", {}), {"listen", "max_message_size"})
+    limits = {"max_connections_per_client", "max_connections"}
+    inb = _Section("smtp.inbound", smtp.data.get("inbound", {}),
+                   {"listen", "max_message_size"} | limits)
     sub = _Section("smtp.submission", smtp.data.get("submission", {}), {
-        "listen", "max_message_size", "require_tls_for_auth", "auth_failures_before_delay"})
+        "listen", "max_message_size", "require_tls_for_auth", "auth_failures_before_delay"}
+        | limits)
     inbound = ListenerConfig(
         listen=inb.hostport("listen", "127.0.0.1:2525"),  # type: ignore[arg-type]
         max_message_size=inb.int("max_message_size", 26214400, 1024),
+        max_connections_per_client=inb.int("max_connections_per_client", 20, 1),
+        max_connections=inb.int("max_connections", 500, 1),
     )
     submission = ListenerConfig(
         listen=sub.hostport("listen", "127.0.0.1:5587"),  # type: ignore[arg-type]
         max_message_size=sub.int("max_message_size", 26214400, 1024),
         require_tls_for_auth=sub.bool("require_tls_for_auth", True),
         auth_failures_before_delay=sub.int("auth_failures_before_delay", 3, 1),
+        max_connections_per_client=sub.int("max_connections_per_client", 20, 1),
+        max_connections=sub.int("max_connections", 500, 1),
     )
 
     dl = _Section("delivery", raw.get("delivery", {}), {

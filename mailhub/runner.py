@@ -28,6 +28,7 @@ from mailhub.deliver.retention import PayloadSweeper
 from mailhub.deliver.worker import DeliveryWorker
 from mailhub.ingress.auth import FailureThrottle
 from mailhub.ingress.handlers import InboundHandler, SubmissionHandler
+from mailhub.ingress.smtp_limits import listener_limits
 from mailhub.ingress.smtp_server import HubSMTP, make_authenticator, server_tls_context
 from mailhub.ingress.submission_procs import SubmissionProcesses, check_user, submission_protocol
 from mailhub.outbound.pipeline import OutboundPipeline
@@ -216,11 +217,15 @@ class Server:
         in_handler = InboundHandler(domain=cfg.hub.domain, spool=hub.spool,
                                     on_spooled=self.runner.submit, gate=self.inbound_gate)
 
+        sub_limits, in_limits = listener_limits(cfg.submission), listener_limits(cfg.inbound)
+
         def submission_factory() -> HubSMTP:
-            return submission_protocol(hub, sub_handler, self.throttle, tls, authenticator)
+            return submission_protocol(hub, sub_handler, self.throttle, tls, authenticator,
+                                       sub_limits)
 
         def inbound_factory() -> HubSMTP:
-            return HubSMTP(in_handler, hostname=cfg.hub.domain, ident="mailhub ESMTP",
+            return HubSMTP(in_handler, limits=in_limits, hostname=cfg.hub.domain,
+                           ident="mailhub ESMTP",
                            tls_context=tls, require_starttls=False, auth_required=False,
                            auth_exclude_mechanism=["LOGIN", "PLAIN"],
                            data_size_limit=cfg.inbound.max_message_size,

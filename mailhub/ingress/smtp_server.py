@@ -32,6 +32,7 @@ from aiosmtpd.smtp import (
 
 from mailhub.ingress.auth import FailureThrottle
 from mailhub.ingress.smtp_addresses import fast_getaddr
+from mailhub.ingress.smtp_limits import LimitedSMTP
 from mailhub.ingress.smtp_replies import rewrite_reply
 
 log = logging.getLogger("mailhub.smtp")
@@ -209,8 +210,8 @@ class HubSession(Session):
         self._login_data = value
 
 
-class HubSMTP(SMTP):
-    """SMTP with enhanced status codes and an AUTH failure throttle."""
+class HubSMTP(LimitedSMTP):
+    """SMTP with enhanced status codes, an AUTH failure throttle and connection limits."""
 
     def __init__(self, handler: Any, *, throttle: FailureThrottle | None = None,
                  **kwargs: Any) -> None:
@@ -298,6 +299,7 @@ class HubSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        self.junk = 0  # a client sending a message is not idling
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = DataBody(self.data_size_limit, self.line_length_limit)
         try:

@@ -25,6 +25,7 @@ from mailhub.errors import MailhubError
 from mailhub.ingress.auth import FailureThrottle, verify_password
 from mailhub.ingress.handlers import SubmissionHandler
 from mailhub.ingress.shared_throttle import FailureTable, SharedFailureThrottle
+from mailhub.ingress.smtp_limits import ConnectionLimits, listener_limits
 from mailhub.ingress.smtp_server import HubSMTP, make_authenticator, server_tls_context
 
 log = logging.getLogger("mailhub.smtp")
@@ -41,9 +42,11 @@ def check_user(hub: Hub, login: str, password: str) -> bool:
 
 
 def submission_protocol(hub: Hub, handler: SubmissionHandler, throttle: FailureThrottle,
-                        tls: ssl.SSLContext, authenticator: Any) -> HubSMTP:
+                        tls: ssl.SSLContext, authenticator: Any,
+                        limits: ConnectionLimits | None = None) -> HubSMTP:
     cfg = hub.config
-    return HubSMTP(handler, throttle=throttle, hostname=cfg.hub.domain, ident="mailhub ESMTP",
+    return HubSMTP(handler, throttle=throttle, limits=limits, hostname=cfg.hub.domain,
+                   ident="mailhub ESMTP",
                    tls_context=tls, require_starttls=False, auth_required=True,
                    auth_require_tls=cfg.submission.require_tls_for_auth,
                    authenticator=authenticator, data_size_limit=cfg.submission.max_message_size,
@@ -181,8 +184,9 @@ async def _serve_submission(hub: Hub, sock: socket.socket, conn: Connection,
     authenticator = make_authenticator(lambda login, pw: check_user(hub, login, pw), throttle)
     handler = SubmissionHandler(domain=cfg.hub.domain, spool=hub.spool, on_spooled=on_spooled)
     loop.add_reader(conn.fileno(), on_parent)
+    limits = listener_limits(cfg.submission)  # this child's connections
     server = await loop.create_server(
-        lambda: submission_protocol(hub, handler, throttle, tls, authenticator), sock=sock)
+        lambda: submission_protocol(hub, handler, throttle, tls, authenticator, limits), sock=sock)
     conn.send(("ready", ""))
     await done.wait()
     server.close()
