@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
@@ -29,6 +30,7 @@ from sqlmodel import Session, select
 
 from mailhub.deliver.fresh import AFTER_COMMIT
 from mailhub.errors import NotFound, StoreError
+from mailhub.instance import dead_here, pid_alive
 from mailhub.store import audit
 from mailhub.store.models import OutboundItem, utcnow
 
@@ -70,7 +72,7 @@ def item_row(**values: Any) -> dict[str, Any]:
     row = {"status": "queued", "reason": "", "method": "", "relay": "smarthost", "kind": "mail",
            "case_id": None, "payload_id": None, "require_tls": False, "attempts": 0,
            "next_attempt_at": now, "sending_since": None, "created_at": now, "updated_at": now,
-           "trace": "", "message_id": "", "sender": ""}
+           "trace": "", "message_id": "", "sender": "", "claimed_by": ""}
     row.update(values)
     return row
 
@@ -199,14 +201,16 @@ _CLAIM_HELD = _CLAIM.where(_T.c.id.not_in(bindparam("held", expanding=True)))
 _CLAIMS = {(pg, held): (query.with_for_update(skip_locked=True) if pg else query)
            for held, query in ((False, _CLAIM), (True, _CLAIM_HELD)) for pg in (False, True)}
 _MARK_CLAIMED = (update(_T).where(_T.c.id.in_(bindparam("ids", expanding=True)))
-                 .values(sending_since=bindparam("now"), attempts=_T.c.attempts + 1))
+                 .values(sending_since=bindparam("now"), claimed_by=bindparam("owner"),
+                         attempts=_T.c.attempts + 1))
 
 
 def claim_due_in(session: Session, limit: int, now: datetime | None = None,
                  stale_after: timedelta = STALE_AFTER,
-                 held: Collection[int] = ()) -> list[Claimed]:
+                 held: Collection[int] = (), owner: str = "") -> list[Claimed]:
     """``claim_due`` inside the caller's transaction (the caller commits); ``held``: rows the
-    caller is still sending, left alone even when their claim looks stale."""
+    caller is still sending, left alone even when their claim looks stale; ``owner``: the
+    claiming instance ("host:pid:random", ``mailhub.instance``)."""
     now = now or utcnow()
     conn = session.connection()
     query = _CLAIMS[(conn.dialect.name == "postgresql", bool(held))]
@@ -216,7 +220,7 @@ def claim_due_in(session: Session, limit: int, now: datetime | None = None,
     rows = conn.execute(query, params).all()
     if not rows:
         return []
-    conn.execute(_MARK_CLAIMED, {"ids": [r.id for r in rows], "now": now})
+    conn.execute(_MARK_CLAIMED, {"ids": [r.id for r in rows], "now": now, "owner": owner})
     return [Claimed(r.id, r.source_id, r.message_id, r.sender, r.recipient, r.relay, r.kind,
                     r.require_tls, r.attempts + 1, r.created_at, r.payload_id or 0, r.method)
             for r in rows]
@@ -311,18 +315,33 @@ def mark_failed(engine: Engine, item_id: int, reason: str) -> None:
     _commit_one(engine, lambda s: mark_failed_in(s, item_id, reason))
 
 
-def recover_inflight(engine: Engine) -> list[OutboundItem]:
-    """After a crash: rows that were being sent are queued again at once (and reported)."""
-    with Session(engine) as session:
-        rows = list(session.exec(select(OutboundItem).where(
-            and_(OutboundItem.status == "queued",
-                 OutboundItem.sending_since.is_not(None)))))  # type: ignore[union-attr]
-        for row in rows:
+def recover_inflight(engine: Engine, host: str | None = None,
+                     alive: Callable[[int], bool] = pid_alive,
+                     stale_after: timedelta = STALE_AFTER) -> list[OutboundItem]:
+    """At start: rows that were being sent when their sender died are queued again at once
+    (and reported). That is a claim with no owner (made before owners were recorded), one
+    whose owner ran on this ``host`` and is gone, or one gone stale. A fresh claim of another
+    host's instance is left alone: that instance may be sending the row right now (several
+    instances on one PostgreSQL), and if it died the claim goes stale and is taken then."""
+    host = socket.gethostname() if host is None else host
+    stale = utcnow() - stale_after
+    with Session(engine, expire_on_commit=False) as session:  # the rows are reported after
+        rows = []
+        for row in session.exec(select(OutboundItem).where(
+                and_(OutboundItem.status == "queued",
+                     OutboundItem.sending_since.is_not(None)))):  # type: ignore[union-attr]
+            assert row.sending_since is not None
+            if row.claimed_by and not dead_here(row.claimed_by, host, alive) \
+                    and row.sending_since >= stale:
+                log.info("delivery of queue id %s (%s) is claimed by %s, which may be running; "
+                         "left to it", row.id, row.message_id, row.claimed_by)
+                continue
             log.warning("delivery of queue id %s (%s) was in flight at a crash; sending again",
                         row.id, row.message_id)
-            row.sending_since = None
+            row.sending_since, row.claimed_by = None, ""
             row.next_attempt_at = utcnow()
             session.add(row)
+            rows.append(row)
         session.commit()
         return rows
 

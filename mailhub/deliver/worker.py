@@ -40,6 +40,7 @@ from mailhub.deliver.payloads import sealed_payloads_in
 from mailhub.deliver.retry import backoff_delay, next_step
 from mailhub.deliver.smtp_client import Outgoing, SendResult
 from mailhub.errors import StoreError
+from mailhub.instance import default_instance_id
 from mailhub.spool.spool import Sealer
 from mailhub.store.models import utcnow
 
@@ -78,6 +79,7 @@ class DeliveryWorker:
         self.stale_after = queue.STALE_AFTER  # a claim this old was lost with its sender
         self.renew_every = self.stale_after.total_seconds() / 5  # so ours never look that old
         self._held: set[int] = set()  # claimed rows not yet settled (under ``_idle``)
+        self.owner = default_instance_id()  # whose claims ours are (``recover_inflight``)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -179,7 +181,7 @@ class DeliveryWorker:
 
     def _claim(self, session: Session) -> tuple[list[queue.Claimed], dict[int, WirePayload]]:
         claimed = queue.claim_due_in(session, self.batch, stale_after=self.stale_after,
-                                     held=self._held_now())
+                                     held=self._held_now(), owner=self.owner)
         payloads: dict[int, WirePayload] = {}
         payloads.update(take_claimed(session.info, self.fresh,
                                      [(c.id, c.payload_id) for c in claimed]))

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailhub.errors import MailhubError
+from mailhub.instance import dead_here, default_instance_id, pid_alive  # noqa: F401 (re-exported)
 from mailhub.scheduler import ledger
 from mailhub.scheduler.ledger import STALE_CLAIM, Claim
 from mailhub.scheduler.sender import Outcome, Processor, StepSender
@@ -46,22 +44,6 @@ from mailhub.store.models import OutboundItem, ScheduleEntry, utcnow
 log = logging.getLogger("mailhub.scheduler")
 
 JOB_ID = "mailhub-scheduler-wake"
-
-
-def default_instance_id() -> str:
-    """Unique per process: host, pid and a random suffix (a restarted pid is a new instance)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host still runs (a pid owned by another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def release_dead_claims(engine: Engine, host: str, alive: Callable[[int], bool]) -> int:
@@ -73,9 +55,7 @@ def release_dead_claims(engine: Engine, host: str, alive: Callable[[int], bool])
                                            ScheduleEntry.claimed_by > "")
         freed = 0
         for row in session.scalars(stmt):
-            owner, _, rest = row.claimed_by.partition(":")
-            pid = rest.partition(":")[0]
-            if owner == host and pid.isdigit() and not alive(int(pid)):
+            if dead_here(row.claimed_by, host, alive):
                 log.warning("schedule row %s (case %s, step %s): %s is gone; claim released",
                             row.id, row.case_id, row.step, row.claimed_by)
                 row.claimed_by, row.claimed_at = "", None

@@ -82,6 +82,9 @@ class OutboundItem(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utcnow)
     sending_since: datetime | None = None  # set while a delivery is in flight (crash window)
+    # who set sending_since ("host:pid:random"): at start, only claims of dead processes of
+    # this host are taken back at once; another host's instance may still be sending
+    claimed_by: str = Field(default="", sa_column_kwargs={"server_default": ""})
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     trace: str = Field(default="", sa_column=Column(Text))  # policy hits and misses (JSON)

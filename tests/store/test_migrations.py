@@ -19,7 +19,7 @@ def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
         migrate(engine)
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
-        assert schema_revision(engine) == "0004"
+        assert schema_revision(engine) == "0005"
     finally:
         engine.dispose()
 
@@ -138,6 +138,9 @@ def test_payload_locations_upgrade_and_a_downgrade_refuses_to_lose_file_payloads
                 b"\x01\x02", None)
             conn.execute(text("INSERT INTO payloads (sealed, created_at, segment, seg_offset, "
                               "seg_length) VALUES (x'', '2026-11-23 10:00:00', 17, 0, 270000)"))
+        # one step at a time: on SQLite, DDL is not transactional here, so a refusal in a
+        # later step of a multi-step downgrade would leave the earlier steps done
+        command.downgrade(_alembic_config(engine), "0004")
         with pytest.raises(RuntimeError, match="deliver or drop them before downgrading"):
             command.downgrade(_alembic_config(engine), "0003")
         assert schema_revision(engine) == "0004"
@@ -145,5 +148,32 @@ def test_payload_locations_upgrade_and_a_downgrade_refuses_to_lose_file_payloads
             conn.execute(text("DELETE FROM payloads WHERE segment IS NOT NULL"))
         command.downgrade(_alembic_config(engine), "0003")
         assert "segment" not in {c["name"] for c in inspect(engine).get_columns("payloads")}
+    finally:
+        engine.dispose()
+
+
+def test_rows_in_flight_before_the_owner_column_are_taken_back_at_start(tmp_path: Path) -> None:
+    """0005 adds who claimed a row being sent; a row claimed before it has no owner, and is
+    taken back at start as before (no live instance can be known to hold it)."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from mailhub.deliver import queue
+    from mailhub.store.db import _alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    try:
+        command.upgrade(_alembic_config(engine), "0004")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO outbound (source_id, message_id, sender, recipient, status, reason, "
+                "method, relay, kind, require_tls, attempts, next_attempt_at, sending_since, "
+                "created_at, updated_at, trace) VALUES ('s1', '<m@x>', 'a@x', 'b@y', 'queued', "
+                "'', 'openpgp', 'smarthost', 'mail', 0, 1, '2026-11-23 10:00:00', "
+                "'2026-11-23 10:00:00', '2026-11-23 10:00:00', '2026-11-23 10:00:00', '')"))
+        migrate(engine)
+        assert schema_revision(engine) == "0005"
+        back = queue.recover_inflight(engine, host="elsewhere", alive=lambda pid: True)
+        assert [(r.source_id, r.sending_since, r.claimed_by) for r in back] == [("s1", None, "")]
     finally:
         engine.dispose()
