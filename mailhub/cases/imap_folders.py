@@ -257,9 +257,10 @@ class CaseFolders:
         self._known.add(folder)
 
     # -- merged cases --------------------------------------------------------------------------
-    def listed(self) -> dict[str, str]:
-        """Case id -> folder, for every case folder the server lists under the prefix (the id
-        is the leaf's first word, as ``case_folder_name`` writes it)."""
+    def listed(self) -> dict[str, list[str]]:
+        """Case id -> its folders, for every case folder the server lists under the prefix (the
+        id is the leaf's first word, as ``case_folder_name`` writes it). A case has two when
+        its patient was renamed: the old name's folder and the new one."""
         sample = self.folder_for("X", "")
         sep = self.separator
         parent, joint = (sample.rsplit(sep, 1)[0], sep) if sep and sep in sample else (
@@ -269,13 +270,13 @@ class CaseFolders:
         except IMAPClientError as exc:
             _reraise_abort(exc)
             raise CaseFolderError(f"cannot list IMAP folders under {parent!r}: {exc}") from exc
-        out: dict[str, str] = {}
+        out: dict[str, list[str]] = {}
         for _flags, _sep, name in found:
             name = _as_str(name) or ""
             leaf = name[len(parent) + len(joint):]
             if name.startswith(parent + joint) and leaf:
-                out.setdefault(leaf.split(" ", 1)[0], name)
-        return out
+                out.setdefault(leaf.split(" ", 1)[0], []).append(name)
+        return {case_id: sorted(names) for case_id, names in out.items()}
 
     def move_all(self, source: str, target: str) -> int:
         """Move every message of ``source`` into ``target`` (flags and dates kept), then delete
