@@ -19,14 +19,14 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap_utf7
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from mailhub.errors import MailhubError
 
 log = logging.getLogger("mailhub.imap")
 
-MAX_NAME_PART = 120
+MAX_NAME_PART = 120  # characters, and bytes of the name as stored (modified UTF-7, RFC 3501)
 # Characters that break IMAP LIST patterns or that servers refuse in a mailbox name
 # (Dovecot's maildir refuses "/" whatever the separator).
 _ALWAYS_UNSAFE = frozenset("/\\%*")
@@ -56,8 +56,12 @@ def _clean_part(text: str, separator: str | None, strict: bool = False) -> str:
             out.append(" ")
         else:
             out.append(ch)
-    cleaned = " ".join("".join(out).split())
-    return cleaned[:MAX_NAME_PART].rstrip()
+    cleaned = " ".join("".join(out).split())[:MAX_NAME_PART].rstrip()
+    # servers store the encoded name (Dovecot's maildir: one file name of at most 255 bytes),
+    # where a Chinese or Arabic letter takes about three bytes: cut by that length too
+    while len(imap_utf7.encode(cleaned)) > MAX_NAME_PART:
+        cleaned = cleaned[:-1].rstrip()
+    return cleaned
 
 
 def case_folder_name(
