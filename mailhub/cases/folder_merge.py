@@ -1,4 +1,5 @@
 """A merged case's IMAP folder follows it: its messages move into the surviving case's folder.
+So does a renamed case's: the folder named after the old patient name moves into the new one.
 
 ``mailhub cases merge`` changes the database only (it needs no IMAP connection and must not
 fail half-way on one). The serving process's IMAP watcher then looks, at most once a
@@ -19,27 +20,32 @@ from mailhub.cases.imap_folders import CaseFolderError, CaseFolders
 
 log = logging.getLogger("mailhub.imap")
 
-# case ids -> {merged case id: (the case it now lives in, that case's patient name)}
+# case ids -> {case id: (the case its mail lives in now, that case's patient name)}; a case
+# left out is left alone
 MergedLookup = Callable[[list[str]], dict[str, tuple[str, str]]]
 
 
 def move_merged_folders(folders: CaseFolders, merged: MergedLookup) -> int:
-    """One look: move the folders of merged cases; how many messages moved."""
+    """One look: move the folders of merged cases, and those named after a patient name the
+    case no longer has (``cases set ID patient_name=...``), into the folder the case's mail
+    goes to now; how many messages moved."""
     listed = folders.listed()
     if not listed:
         return 0
     moved = 0
     for case_id, (into, patient_name) in merged(sorted(listed)).items():
-        source = listed.get(case_id)
-        if source is None:
-            continue
+        sources = listed.get(case_id) or []
+        if into == case_id and sources == [folders.folder_for(into, patient_name)]:
+            continue  # the usual case, decided without asking the server
         target = folders.ensure(into, patient_name)
-        if target == source:
-            continue
-        n = folders.move_all(source, target)
-        moved += n
-        log.info("case %s was merged into %s: moved %d message(s) from IMAP folder %r to %r",
-                 case_id, into, n, source, target)
+        for source in sources:
+            if source == target:
+                continue
+            n = folders.move_all(source, target)
+            moved += n
+            why = f"was merged into {into}" if into != case_id else "has a new patient name"
+            log.info("case %s %s: moved %d message(s) from IMAP folder %r to %r",
+                     case_id, why, n, source, target)
     return moved
 
 

@@ -19,14 +19,14 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap_utf7
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from mailhub.errors import MailhubError
 
 log = logging.getLogger("mailhub.imap")
 
-MAX_NAME_PART = 120
+MAX_NAME_PART = 120  # characters, and bytes of the name as stored (modified UTF-7, RFC 3501)
 # Characters that break IMAP LIST patterns or that servers refuse in a mailbox name
 # (Dovecot's maildir refuses "/" whatever the separator).
 _ALWAYS_UNSAFE = frozenset("/\\%*")
@@ -56,8 +56,12 @@ def _clean_part(text: str, separator: str | None, strict: bool = False) -> str:
             out.append(" ")
         else:
             out.append(ch)
-    cleaned = " ".join("".join(out).split())
-    return cleaned[:MAX_NAME_PART].rstrip()
+    cleaned = " ".join("".join(out).split())[:MAX_NAME_PART].rstrip()
+    # servers store the encoded name (Dovecot's maildir: one file name of at most 255 bytes),
+    # where a Chinese or Arabic letter takes about three bytes: cut by that length too
+    while len(imap_utf7.encode(cleaned)) > MAX_NAME_PART:
+        cleaned = cleaned[:-1].rstrip()
+    return cleaned
 
 
 def case_folder_name(
@@ -257,9 +261,10 @@ class CaseFolders:
         self._known.add(folder)
 
     # -- merged cases --------------------------------------------------------------------------
-    def listed(self) -> dict[str, str]:
-        """Case id -> folder, for every case folder the server lists under the prefix (the id
-        is the leaf's first word, as ``case_folder_name`` writes it)."""
+    def listed(self) -> dict[str, list[str]]:
+        """Case id -> its folders, for every case folder the server lists under the prefix (the
+        id is the leaf's first word, as ``case_folder_name`` writes it). A case has two when
+        its patient was renamed: the old name's folder and the new one."""
         sample = self.folder_for("X", "")
         sep = self.separator
         parent, joint = (sample.rsplit(sep, 1)[0], sep) if sep and sep in sample else (
@@ -269,13 +274,13 @@ class CaseFolders:
         except IMAPClientError as exc:
             _reraise_abort(exc)
             raise CaseFolderError(f"cannot list IMAP folders under {parent!r}: {exc}") from exc
-        out: dict[str, str] = {}
+        out: dict[str, list[str]] = {}
         for _flags, _sep, name in found:
             name = _as_str(name) or ""
             leaf = name[len(parent) + len(joint):]
             if name.startswith(parent + joint) and leaf:
-                out.setdefault(leaf.split(" ", 1)[0], name)
-        return out
+                out.setdefault(leaf.split(" ", 1)[0], []).append(name)
+        return {case_id: sorted(names) for case_id, names in out.items()}
 
     def move_all(self, source: str, target: str) -> int:
         """Move every message of ``source`` into ``target`` (flags and dates kept), then delete

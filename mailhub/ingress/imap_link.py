@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from sqlalchemy import select
 from sqlmodel import Session
 
 from mailhub.cases.folder_merge import MergeFollower
@@ -37,11 +38,20 @@ class ImapLink:
         self._copies = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imap-copy")
 
     def merged(self, case_ids: list[str]) -> dict[str, tuple[str, str]]:
-        """Which of these cases were merged, and where their mail lives now (watcher thread)."""
+        """Where each of these cases' mail lives now and under which patient name: the case
+        merged into, or the case itself with its current name (watcher thread)."""
         from mailhub.cases.service import merged_targets
+        from mailhub.store.models import Case, Patient
 
         with Session(self.hub.engine) as session:
-            return merged_targets(session, case_ids)
+            out = merged_targets(session, case_ids)
+            rows = session.execute(
+                select(Case.id, Patient.name)
+                .join(Patient, Case.patient_id == Patient.id)  # type: ignore[arg-type]
+                .where(Case.id.in_(case_ids), Case.merged_into.is_(None)))  # type: ignore[attr-defined,union-attr]
+            for case_id, name in rows:
+                out[case_id] = (case_id, name or "")
+            return out
 
     def ingest(self, raw: bytes, origin: str) -> FiledResult:
         """Open, thread and store one message from a watched folder (watcher thread)."""

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.policy import default as _DEFAULT_POLICY
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,30 @@ def one_line(value: str) -> str:
     return _CRLF.sub(" ", value).strip()
 
 
+def header_text(value: str) -> str:
+    """``one_line``, with RFC 2047 words decoded first (until none is left).
+
+    The email package decodes an encoded word in a value it is given, so a patient name such
+    as ``=?utf-8?q?Al=0D=0ABcc:...?=`` would become a line break when the message is written
+    (Python before 3.11.10 folds it as is). Decoded here, CR/LF are removed like any other.
+    """
+    text = one_line(value)
+    for _ in range(8):
+        decoded = one_line(str(_DEFAULT_POLICY.header_factory("subject", text)))
+        if decoded == text:
+            return text
+        text = decoded
+    return text.replace("=?", "= ?")
+
+
+def header_address(value: str) -> str:
+    """One address for From/To with its display name made safe by ``header_text``."""
+    name, addr = parseaddr(one_line(value))
+    if not addr:
+        return one_line(value)
+    return formataddr((header_text(name), addr)) if name else addr
+
+
 class TemplateRenderer:
     """Renders ``templates_dir/<language>/<template>.*.j2``; safe to share between threads."""
 
@@ -267,20 +292,20 @@ def build_mime(
     ``case_id`` is put in the Subject as "[ID]" (threading). Every header value has CR/LF removed.
     The message is not yet signed or encrypted: that is the outbound crypto step's job.
     """
-    subject = one_line(rendered.subject)
+    subject = header_text(rendered.subject)
     if case_id and f"[{one_line(case_id)}]" not in subject:
         subject = f"[{one_line(case_id)}] {subject}"
     recipients = [to_addr] if isinstance(to_addr, str) else list(to_addr)
     msg = EmailMessage()
-    msg["From"] = one_line(from_addr)
-    msg["To"] = ", ".join(one_line(a) for a in recipients)
+    msg["From"] = header_address(from_addr)
+    msg["To"] = ", ".join(header_address(a) for a in recipients)
     msg["Subject"] = subject
     msg["Date"] = format_datetime((sent_at or datetime.now(UTC)).astimezone(UTC))
     domain = one_line(from_addr).rpartition("@")[2].rstrip(">").strip() or None
     msg["Message-ID"] = one_line(message_id) if message_id else make_msgid(domain=domain)
     msg["Auto-Submitted"] = "auto-generated"
     for key, value in (extra_headers or {}).items():
-        msg[one_line(key).replace(":", "")] = one_line(value)
+        msg[one_line(key).replace(":", "")] = header_text(value)
     msg.set_content(rendered.text)
     if rendered.html is not None:
         msg.add_alternative(rendered.html, subtype="html")

@@ -177,7 +177,14 @@ def end_of_quiet_hours(
     day = local.date()
     if start > end and wall >= start:
         day += timedelta(days=1)  # evening part of a window that wraps midnight
-    return localize_wall(datetime.combine(day, end), tz)
+    at = localize_wall(datetime.combine(day, end), tz)
+    if at < _to_utc(instant):
+        # the end is in a repeated hour whose first pass is already over: its second pass
+        # (a step is never moved earlier than its exact time)
+        zone = get_zone(tz)
+        at = max(zone.localize(datetime.combine(day, end), is_dst=flag).astimezone(UTC)
+                 for flag in (True, False))
+    return at
 
 
 def send_time(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from imapclient import imap_utf7
 
 from mailhub.cases.imap_folders import (
     CaseFolderError,
@@ -137,3 +138,28 @@ def test_append_keeps_flags_and_date_and_contains_tells_copies_apart(dovecot: Do
     assert b"\\Seen" in item[b"FLAGS"]
     stored = item[b"INTERNALDATE"]
     assert stored.replace(tzinfo=stored.tzinfo or datetime.now().astimezone().tzinfo) == when
+
+
+LONG_NAMES = {"MT-2026-0001": "王小明" * 40,  # 120 characters, over 300 bytes on the wire
+              "MT-2026-0002": " ".join(["عبد الرحمن بن محمد"] * 7),
+              "MT-2026-0003": "a" * 300}
+
+
+@pytest.mark.parametrize("server", ["dovecot", "dovecot_slash"])
+def test_long_non_ascii_names_are_cut_to_what_the_server_stores(
+        server: str, request: pytest.FixtureRequest) -> None:
+    # the limit is on the name as stored (modified UTF-7): a long Arabic or Chinese name made
+    # CREATE fail, so none of the case's mail reached a folder
+    dovecot: Dovecot = request.getfixturevalue(server)
+    client = client_for(dovecot)
+    try:
+        folders = CaseFolders(client, "Cases")
+        for cid, patient in LONG_NAMES.items():
+            folder, appended = folders.file(cid, patient, make_message(cid, patient, "a"))
+            assert appended
+            leaf = folder.split(dovecot.separator, 1)[1]
+            assert leaf.startswith(f"{cid} {patient[:20]}")
+            assert len(imap_utf7.encode(leaf.split(" ", 1)[1])) <= 120
+        assert case_folder_name("Cases", "/", "MT-1", "a" * 300) == "Cases/MT-1 " + "a" * 120
+    finally:
+        client.logout()

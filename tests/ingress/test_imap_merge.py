@@ -4,6 +4,8 @@ surviving case's folder with their flags, the old folder goes, and nothing moves
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -169,3 +171,57 @@ def test_a_message_equal_only_in_size_and_id_is_still_copied(
     finally:
         c.logout()
     assert sorted(folder_bodies(dovecot, into)) == sorted([PROTECTION + a, PROTECTION + twin])
+
+
+@pytest.mark.parametrize("server", ["dovecot", "dovecot_slash"])
+def test_a_renamed_patients_folder_moves_into_the_folder_of_the_new_name(
+        server: str, request: pytest.FixtureRequest, memory_hub: MemoryHub) -> None:
+    """A first contact's case is named after its From ("jnovak"); the coordinator then sets
+    the real name: later mail files into the new name's folder, and the old folder follows."""
+    dovecot: Dovecot = request.getfixturevalue(server)
+    sep = dovecot.separator
+    a, b = make_message(SOURCE, "jnovak", "a"), make_message(SOURCE, "Jana Nováková", "b")
+    c = make_message(OTHER, "Ayşe Yılmaz", "c")
+    drop(dovecot, a, c, flags=(b"\\Seen",))
+    drop(dovecot, b)
+    assert ImapWatcher(settings_for(dovecot), memory_hub.ingest).run_once().filed == 3
+    old, new = f"Cases{sep}{SOURCE} jnovak", f"Cases{sep}{SOURCE} Jana Nováková"
+    assert folder_bodies(dovecot, old) == [PROTECTION + a]
+
+    def current(case_ids: list[str]) -> dict[str, tuple[str, str]]:  # the store's answer
+        names = {SOURCE: "Jana Nováková", OTHER: "Ayşe Yılmaz"}
+        return {cid: (cid, names[cid]) for cid in case_ids if cid in names}
+
+    watcher = ImapWatcher(settings_for(dovecot), memory_hub.ingest,
+                          follow_merges=MergeFollower(current, interval=0))
+    watcher.run_once()
+    assert not _exists(dovecot, old)
+    assert sorted(folder_bodies(dovecot, new)) == sorted([PROTECTION + a, PROTECTION + b])
+    assert b"\\Seen" in _flags(dovecot, new)[PROTECTION + a]
+    assert folder_bodies(dovecot, f"Cases{sep}{OTHER} Ayşe Yılmaz") == [PROTECTION + c]
+    watcher.run_once()  # nothing more to do
+    assert len(folder_bodies(dovecot, new)) == 2
+
+
+def test_the_watchers_lookup_names_every_listed_case_with_its_current_patient(
+        short_tmp: Path) -> None:
+    """What the serving hub answers (a real database): merged cases where they went, the
+    others under their patient's current name, unknown ids left out."""
+    from sqlmodel import Session
+
+    from mailhub.cases.service import merge_cases, set_fields
+    from mailhub.ingress.imap_link import ImapLink
+    from tests.scheduler.sched_support import light_hub, make_case
+
+    hub = light_hub(short_tmp / "hub")
+    with Session(hub.engine) as session:
+        make_case(session, SOURCE, email="a@patient.example")
+        make_case(session, INTO, email="b@patient.example")
+        make_case(session, OTHER, email="c@patient.example")
+        set_fields(session, hub, OTHER, ["patient_name=Ayşe Yılmaz"], actor="test")
+        merge_cases(session, hub, SOURCE, INTO, actor="test")
+        session.commit()
+    link = SimpleNamespace(hub=hub)
+    assert ImapLink.merged(link, [SOURCE, INTO, OTHER, "MT-1999-0001"]) == {  # type: ignore[arg-type]
+        SOURCE: (INTO, "Alex Example"), INTO: (INTO, "Alex Example"),
+        OTHER: (OTHER, "Ayşe Yılmaz")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.utils import formataddr
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,31 @@ def test_preview_shows_both_parts() -> None:
     assert "Subject: Tomorrow's procedure" in out
     assert "----- text/plain -----" in out and "----- text/html -----" in out
     assert "Thursday 3 December 2026, 08:00 (Europe/Istanbul)" in out
+
+
+EVIL_WORD = "=?utf-8?q?Al=0D=0ABcc:_evil@example.net?="
+
+
+def test_an_encoded_word_in_a_value_cannot_inject_a_header(tdir: Path) -> None:
+    # one_line removes CR/LF, but an RFC 2047 word that decodes to CR/LF (a patient name taken
+    # from a first contact's double-encoded From) must not become a line break when written
+    r = TemplateRenderer(tdir).render("hello", "en", {"patient_name": EVIL_WORD})
+    msg = build_mime(r, "Care <care@medvoyage.example>",
+                     formataddr((EVIL_WORD, "pat@example.org")), case_id="MT-1")
+    raw = msg.as_bytes(policy=policy.SMTP)
+    parsed = message_from_bytes(raw, policy=policy.default)
+    assert parsed["Bcc"] is None and b"\r\nBcc:" not in raw
+    assert str(parsed["Subject"]) == "[MT-1] Hello Al Bcc: evil@example.net"
+    assert [a.addr_spec for a in parsed["To"].addresses] == ["pat@example.org"]
+
+
+def test_non_ascii_names_are_encoded_words(tdir: Path) -> None:
+    r = TemplateRenderer(tdir).render("hello", "en", {"patient_name": "Zoë Ünal 李"})
+    msg = build_mime(r, formataddr(("Çağla Öz", "care@medvoyage.example")),
+                     formataddr(("Zoë Ünal 李", "zoe@example.org")), case_id="MT-1")
+    raw = msg.as_bytes(policy=policy.SMTP)
+    assert raw.partition(b"\r\n\r\n")[0].isascii()  # the headers: RFC 2047 words
+    parsed = message_from_bytes(raw, policy=policy.default)
+    assert str(parsed["Subject"]) == "[MT-1] Hello Zoë Ünal 李"
+    assert parsed["To"].addresses[0].display_name == "Zoë Ünal 李"
+    assert parsed["From"].addresses[0].display_name == "Çağla Öz"

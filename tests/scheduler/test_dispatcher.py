@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from email import message_from_string, policy
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from mailhub.outbound.pipeline import OutboundPipeline
 from mailhub.scheduler.dispatcher import Dispatcher
 from mailhub.scheduler.ledger import claim_due, reschedule_case
 from mailhub.scheduler.sender import StepSender
-from mailhub.store.models import Case, OutboundItem, Payload, utcnow
+from mailhub.store.models import Case, OutboundItem, Patient, Payload, utcnow
 from tests.scheduler.sched_support import (
     COORD,
     REPO,
@@ -104,6 +105,23 @@ def test_a_sent_step_is_never_sent_again_after_a_reschedule(hub) -> None:  # typ
     assert [o.step for o in report.outcomes] == []
     assert len(mail_rows(hub, prep.queue_source_id)) == 1
     assert rows(hub)["prep-guide"].send_at_utc == wall("2027-03-06T09:00", CHI)
+
+
+def test_a_patient_name_that_decodes_to_a_line_break_is_sent_safely(hub) -> None:  # type: ignore[no-untyped-def]
+    # a first contact's From can carry a double-encoded name: the case keeps the inner encoded
+    # word as text, and the step's To (and a Subject naming the patient) must not decode it
+    # into a header line; it used to raise ValueError on every claim, the step never held
+    with Session(hub.engine) as session:
+        patient = session.get(Patient, session.get(Case, "MT-2027-0001").patient_id)
+        patient.name = "=?utf-8?q?Alex=0D=0ABcc:_evil@example.net?="
+        session.add(patient)
+        session.commit()
+    report = Dispatcher(hub, "A").run_due(wall("2027-03-06T09:00:01", CHI))
+    prep = rows(hub)["prep-guide"]
+    assert report.errors == 0 and prep.status == "held" and prep.queue_source_id
+    [item] = mail_rows(hub, prep.queue_source_id)
+    sent = message_from_string(payload_text(hub, item), policy=policy.default)
+    assert sent["Bcc"] is None and [a.addr_spec for a in sent["To"].addresses] == [PATIENT]
 
 
 def test_crash_between_spool_and_record_sends_once(hub) -> None:  # type: ignore[no-untyped-def]

@@ -271,3 +271,16 @@ def test_fixed_zones() -> None:
     assert target_zone("clinic", HOME, CLINIC, utc(2027, 1, 1), None, None) == CLINIC
     with pytest.raises(ValueError):
         target_zone("elsewhere", HOME, CLINIC, at, None, None)
+
+
+def test_quiet_hours_ending_in_the_repeated_hour_never_move_a_step_earlier() -> None:
+    # Window 22:00-01:30 in New York; on 2026-11-01 01:00-02:00 happens twice. An instant at
+    # 01:15 EST (the second time, 06:15Z) is quiet; the first 01:30 (05:30Z) is already past,
+    # so the window ends at the second 01:30 (06:30Z), not three quarters of an hour earlier.
+    instant = zi(datetime(2026, 11, 1, 1, 15), "America/New_York", fold=1)
+    assert instant == utc(2026, 11, 1, 6, 15)
+    got = end_of_quiet_hours(instant, "America/New_York", ("22:00", "01:30"))
+    assert got == zi(datetime(2026, 11, 1, 1, 30), "America/New_York", fold=1) == utc(2026, 11, 1, 6, 30)
+    # in the first pass of that hour the first 01:30 still ends it
+    first = zi(datetime(2026, 11, 1, 1, 15), "America/New_York")
+    assert end_of_quiet_hours(first, "America/New_York", ("22:00", "01:30")) == utc(2026, 11, 1, 5, 30)
