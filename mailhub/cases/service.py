@@ -178,6 +178,7 @@ def parse_local(value: str) -> datetime:
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d{1,6})?)?"
                         r"(Z|[+-]\d{2}:?\d{2})?", text):
         raise ValueError("expected a date and time like 2026-12-03T08:00")
+    text = re.sub(r"(?<=[T ])(\d):", r"0\1:", text, count=1)  # "T8:00": fromisoformat wants 08
     parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if not 1970 <= parsed.year <= 2200:
         raise ValueError("the year is out of range")

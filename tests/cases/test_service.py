@@ -347,3 +347,13 @@ def test_merged_targets_follow_chains_of_merges_and_name_the_patient(hub: Hub) -
         assert merged_targets(s, [a, b, c, "MT-1999-0001"]) == {
             a: (c, "Cid Lopes"), b: (c, "Cid Lopes")}
         assert merged_targets(s, [c]) == {}
+
+
+def test_a_single_digit_hour_is_read_as_written() -> None:
+    from mailhub.cases.service import parse_local
+
+    assert parse_local("2026-12-03T8:00") == datetime(2026, 12, 3, 8, 0)
+    assert parse_local("2026-12-03 8:05:30+03:00") == datetime.fromisoformat(
+        "2026-12-03T08:05:30+03:00")
+    with pytest.raises(ValueError, match="like 2026-12-03T08:00"):
+        parse_local("2026-12-03T800")
