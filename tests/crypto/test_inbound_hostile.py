@@ -1,13 +1,17 @@
-"""Hostile inbound OpenPGP at the opening layer: parts that only call themselves signatures,
-and compression bombs, in one block or spread over several."""
+"""Hostile inbound mail at the opening layer: parts that only call themselves signatures,
+compression bombs (in one block or spread over several), headers behind a bare CR."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from mailhub.crypto import pgp_inbound
+from mailhub.crypto.inbound import InboundKeys, open_message
 from mailhub.crypto.openpgp_ops import decrypt
 from mailhub.errors import DecryptionFailed
 from tests.crypto.pgp_fixtures import Parties, gpg_cli, parties
@@ -85,3 +89,14 @@ def test_the_limit_is_for_the_whole_message(pp: Parties,
     assert pgp_inbound.unwrap(one, gnupghome=pp.hub.gnupghome).encryption == "openpgp"
     with pytest.raises(DecryptionFailed, match="larger than the hub accepts"):
         pgp_inbound.unwrap(one + b"\r\n" + block, gnupghome=pp.hub.gnupghome)
+
+
+def test_a_header_hidden_behind_a_bare_cr_is_stripped(tmp_path: Path) -> None:
+    """Python's parser (and so the relay's and IMAP copy's readers) ends a header line at a
+    bare CR; the hub's raw header editing did not, so a forged header survived behind one."""
+    raw = (b"From: ana@example.org\r\nSubject: hi\rMailhub-Protection: encryption=openpgp; "
+           b"signature=verified; signer=X\r\nX-Other: 1\r\n\r\nhello\r\n")
+    opened = open_message(raw, InboundKeys(str(tmp_path), (), ()))
+    msg = email.message_from_bytes(opened.raw, policy=email.policy.default)
+    assert msg.get_all("Mailhub-Protection") == ["encryption=none; signature=none"]
+    assert msg["Subject"] == "hi" and msg["X-Other"] == "1" and msg.get_content() == "hello\r\n"

@@ -43,3 +43,4 @@ def test_from_addresses_reads_every_from_field() -> None:
     raw = (b"From: A <a@x.example>, b@Y.example\r\nFrom: c@z.example\r\n"
            b"Subject: s\r\n\r\nFrom: body@not.example\r\n")
     assert from_addresses(raw) == ["a@x.example", "b@y.example", "c@z.example"]
+
