@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mailhub.crypto.protection import HEADER, format_protection
 from mailhub.parse.rawheaders import get_header, prepend_headers, remove_headers
@@ -30,6 +30,13 @@ class Opened:
     encryption: str
     signature: str
     signer: str | None
+    signed_with: str = ""  # "openpgp" | "smime" when signed: how to tie the signer to From
+    signer_addresses: tuple[str, ...] = ()  # the S/MIME signer certificate's addresses
+
+    def with_signature(self, signature: str) -> Opened:
+        """The same message with another signature verdict, its header set again."""
+        return replace(self, raw=_with_protection(self.raw, self.encryption, signature,
+                                                  self.signer), signature=signature)
 
 
 def is_smime(raw: bytes) -> bool:
@@ -50,16 +57,20 @@ def open_message(raw: bytes, keys: InboundKeys) -> Opened:
         opened, facts = unwrap_pems(raw, keys.identity_pems, keys.known_cert_pems)
         enc, sig = str(facts["encryption"]), str(facts["signature"])
         signer = facts["signer"] if isinstance(facts["signer"], str) else None
-    else:
-        from mailhub.crypto.pgp_inbound import unwrap
+        addresses = facts["signer_addresses"]
+        return Opened(_with_protection(opened, enc, sig, signer), enc, sig, signer,
+                      "smime" if sig != "none" else "",
+                      tuple(str(a) for a in addresses) if isinstance(addresses, list) else ())
+    from mailhub.crypto.pgp_inbound import unwrap
 
-        result = unwrap(raw, gnupghome=keys.gnupghome)
-        enc, sig, signer = result.encryption, result.signature, result.signer
-        if result.was_pgp:
-            opened = result.message.as_bytes(policy=email.policy.SMTP)
-        else:
-            opened = raw  # nothing to open: keep the bytes exactly as they came
-    return Opened(_with_protection(opened, enc, sig, signer), enc, sig, signer)
+    result = unwrap(raw, gnupghome=keys.gnupghome)
+    enc, sig, signer = result.encryption, result.signature, result.signer
+    if result.was_pgp:
+        opened = result.message.as_bytes(policy=email.policy.SMTP)
+    else:
+        opened = raw  # nothing to open: keep the bytes exactly as they came
+    return Opened(_with_protection(opened, enc, sig, signer), enc, sig, signer,
+                  "openpgp" if sig != "none" else "")
 
 
 def protection_of(raw: bytes) -> tuple[str, str, str | None]:

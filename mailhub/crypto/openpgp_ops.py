@@ -27,7 +27,10 @@ GPG_BINARY = "gpg"
 BASE_ARGS = ("--batch", "--no-tty", "--no-random-seed-file", "--no-auto-key-retrieve",
              "--no-auto-key-locate", "--pinentry-mode", "loopback")
 TIMEOUT = 300.0
-MAX_OUTPUT = 512 * 1024 * 1024  # a decompression bomb stops here
+# The plaintext one inbound message may open to, all its OpenPGP parts together: a compressed
+# message ("decompression bomb") that would grow past it is refused, not cut short.
+MAX_OUTPUT = 64 * 1024 * 1024
+_CUT_SLACK = 1024 * 1024  # gpg stops at --max-output a chunk early: this much over, never under
 SIGNATURE_STATUSES = ("verified", "invalid", "unknown-key", "none")
 _HASHES = {"1": "md5", "2": "sha1", "3": "ripemd160", "8": "sha256", "9": "sha384",
            "10": "sha512", "11": "sha224"}
@@ -263,12 +266,20 @@ def decrypt(gnupghome: str, data: bytes, *, passphrase: str | None = None,
     """Decrypt (or open a signed-only OpenPGP message) and check its signature.
 
     Raises ``DecryptionFailed`` with the reason; never returns plaintext from a failed or
-    unauthenticated decryption.
+    unauthenticated decryption, nor more than ``max_output`` bytes of it.
     """
     if not data.strip():
         raise DecryptionFailed("cannot decrypt: the OpenPGP data is empty")
-    run = run_gpg(gnupghome, ["--max-output", str(max_output), "--decrypt"], data,
+    # gpg cuts its output at --max-output yet reports a good decryption: ask for a little
+    # more than allowed, so that anything cut is longer than the limit and refused here.
+    run = run_gpg(gnupghome, ["--max-output", str(max_output + _CUT_SLACK), "--decrypt"], data,
                   passphrase=passphrase)
+    if len(run.stdout) > max_output:
+        raise DecryptionFailed(
+            "cannot decrypt: its plaintext is larger than the hub accepts (a message may open "
+            f"to at most {MAX_OUTPUT // (1024 * 1024)} MiB in all; compressed data that grows "
+            "past that is refused)",
+            hint="send large files another way, or split them over several messages")
     encrypted = any(run.has(k) for k in ("BEGIN_DECRYPTION", "ENC_TO", "NO_SECKEY",
                                          "DECRYPTION_FAILED", "DECRYPTION_OKAY"))
     sig = summarize_signatures(parse_signatures(run.status))

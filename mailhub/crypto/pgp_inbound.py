@@ -28,7 +28,7 @@ from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from typing import NamedTuple
 
-from mailhub.crypto.openpgp_ops import DecryptOutcome, decrypt, verify_detached
+from mailhub.crypto.openpgp_ops import MAX_OUTPUT, DecryptOutcome, decrypt, verify_detached
 from mailhub.crypto.protection import strip_protection_headers
 from mailhub.errors import DecryptionFailed, MailhubError
 
@@ -95,10 +95,13 @@ class _Ctx:
         self.gnupghome = gnupghome
         self.passphrase = passphrase
         self.was_pgp = False
+        self.budget = MAX_OUTPUT  # for the whole message: many small bombs are one big one
 
     def decrypt(self, data: bytes) -> DecryptOutcome:
         self.was_pgp = True
-        return decrypt(self.gnupghome, data, passphrase=self.passphrase)
+        out = decrypt(self.gnupghome, data, passphrase=self.passphrase, max_output=self.budget)
+        self.budget -= len(out.plaintext)
+        return out
 
 
 def _parse(raw: bytes) -> EmailMessage:
@@ -266,8 +269,10 @@ def _is_pgp_encrypted(payload: bytes, filename: str) -> bool:
 def _leaf(part: Message, ctx: _Ctx) -> tuple[Message, list[Seg]]:
     ctype = part.get_content_type()
     filename = part.get_filename() or ""
-    if ctype == "application/pgp-signature" or filename.lower().endswith(".sig"):
-        return part, []  # a signature is not content (see _detached_signatures)
+    if _is_signature(part):
+        # Content until _detached_signatures finds what it signs: a part that only calls itself
+        # a signature ("note.sig" shown inline) must not slip past the verdict unsigned.
+        return part, [PLAIN]
     payload = part.get_payload(decode=True) or b""
     attachment = bool(filename) or part.get_content_disposition() == "attachment"
     if ctype == "text/plain" and not attachment and _ARMOR_BEGIN.search(payload):
@@ -334,17 +339,25 @@ def _inline_text(part: Message, payload: bytes, ctx: _Ctx) -> tuple[Message, lis
     return part, segs
 
 
+def _is_signature(part: Message) -> bool:
+    return (part.get_content_type() == "application/pgp-signature"
+            or (part.get_filename() or "").lower().endswith(".sig"))
+
+
 def _detached_signatures(children: list[Message], segs: list[list[Seg]], ctx: _Ctx) -> None:
-    """``name.sig`` (or a pgp-signature part named ``name.asc``) signs the sibling ``name``."""
+    """``name.sig`` (or a pgp-signature part named ``name.asc``) signs the sibling ``name``.
+
+    A signature part that signs a sibling stops counting as content; any other stays content."""
     by_name = {c.get_filename(): i for i, c in enumerate(children) if c.get_filename()}
-    for child in children:
+    for i, child in enumerate(children):
         fname = child.get_filename() or ""
         is_sig = fname.lower().endswith(".sig") or (
             child.get_content_type() == "application/pgp-signature"
             and fname.lower().endswith(".asc"))
-        target = by_name.get(fname[:-4]) if is_sig else None
+        target = by_name.get(fname[:-4]) if is_sig and not child.is_multipart() else None
         if target is None:
             continue
+        segs[i] = []
         data = children[target].get_payload(decode=True) or b""
         sig = child.get_payload(decode=True) or b""
         ctx.was_pgp = True

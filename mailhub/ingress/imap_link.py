@@ -56,7 +56,7 @@ class ImapLink:
     def ingest(self, raw: bytes, origin: str) -> FiledResult:
         """Open, thread and store one message from a watched folder (watcher thread)."""
         keys, _ = self.gate.keys()
-        opened = open_message(raw, keys)
+        opened = self.gate.bind(open_message(raw, keys))
         sm = SpooledMessage(spool_id="imap", content=opened.raw,
                             envelope=Envelope(mail_from="", rcpt_tos=[], listener="imap",
                                               peer=origin))

@@ -15,6 +15,7 @@ from sqlmodel import Session, select
 
 from mailhub.crypto.engine import CryptoEngine
 from mailhub.crypto.inbound import InboundKeys, Opened, open_message
+from mailhub.crypto.signer_binding import bind_to_sender
 from mailhub.errors import DecryptionFailed, PolicyRefusal
 from mailhub.parse.rawheaders import get_header
 from mailhub.policy.inbound import ProtectionFacts, check_inbound
@@ -47,6 +48,18 @@ class InboundGate:
                                            tuple(c for c in certs if c)), fpr)
         return self._keys[1], self._keys[2]
 
+    def bind(self, opened: Opened, message_id: str = "") -> Opened:
+        """A good signature by a key that is not the sender's is not "verified" (see
+        signer_binding); also for IMAP ingest, which opens mail without this gate."""
+        if opened.signature != "verified":
+            return opened
+        with Session(self.hub.engine) as session:
+            bound = bind_to_sender(session, opened)
+        if bound is not opened:
+            log.info("signature message_id=%s: signer %s is not a key of the sender, so "
+                     "unknown-key", message_id or "(none)", opened.signer)
+        return bound
+
     def _refuse(self, envelope: Envelope, message_id: str, exc: PolicyRefusal | DecryptionFailed) -> None:
         with Session(self.hub.engine) as session:
             audit.append(session, "inbound", "refused", message_id=message_id or None,
@@ -67,6 +80,7 @@ class InboundGate:
             log.info("refused message_id=%s: %s", message_id, exc.message)
             self._refuse(envelope, message_id, refusal)
             raise PolicyRefusal(str(refusal), status="5.7.5") from exc
+        opened = self.bind(opened, message_id)
         header_from = [a for _, a in getaddresses([get_header(content, "From") or ""]) if a]
         sender = header_from[0] if header_from else envelope.mail_from
         decision = check_inbound(sender, ProtectionFacts(opened.encryption != "none",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 
-_EOL = re.compile(rb"\r?\n")
+# A bare CR ends a header line too, as it does for Python's parser and many readers: otherwise
+# "X: a\rMailhub-Protection: ..." is one field here and two fields downstream.
+_EOL = re.compile(rb"\r\n|\r|\n")
 _BLANK = re.compile(rb"\r?\n\r?\n")
 
 
