@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from email import policy
 from email.generator import BytesGenerator
 from email.message import EmailMessage, Message
-from email.parser import BytesHeaderParser, BytesParser
+from email.parser import BytesParser
 from typing import NamedTuple
 
+from mailhub.crypto.mime_split import canonical, light_entity, split_parts
 from mailhub.crypto.openpgp_ops import MAX_OUTPUT, DecryptOutcome, decrypt, verify_detached
 from mailhub.crypto.protection import strip_protection_headers
 from mailhub.errors import DecryptionFailed, MailhubError
@@ -124,52 +125,6 @@ def _decode(data: bytes, charset: str | None) -> str:
     return data.decode("latin-1")
 
 
-def _split_entity(raw: bytes) -> tuple[bytes, bytes] | None:
-    """(header block, body) of a raw MIME entity; None when there is no body at all."""
-    if raw.startswith((b"\r\n", b"\n")):
-        return b"", raw.lstrip(b"\r").removeprefix(b"\n")
-    m = re.search(rb"\r?\n\r?\n", raw)
-    return None if m is None else (raw[:m.start()], raw[m.end():])
-
-
-def _light(raw: bytes) -> EmailMessage:
-    """Headers parsed, body kept as it came: no per-line parsing of a large ciphertext."""
-    split = _split_entity(raw) or (raw, b"")
-    msg: EmailMessage = BytesHeaderParser(policy=policy.default).parsebytes(split[0] + b"\r\n\r\n")  # type: ignore[assignment]
-    msg.set_payload(split[1].decode("ascii", "surrogateescape"))
-    return msg
-
-
-def split_parts(raw: bytes, boundary: str) -> list[bytes] | None:
-    """The raw bytes of each body part of a multipart entity (RFC 2046 delimiters)."""
-    split = _split_entity(raw)
-    if split is None:
-        return None
-    body = split[1]
-    marker = b"--" + boundary.encode("utf-8", "surrogateescape")
-    tail = re.compile(rb"(--)?[ \t]*(\r?\n|$)")
-    parts: list[bytes] = []
-    start = None
-    pos = body.find(marker)
-    while pos != -1:  # bytes.find, not a regex scan: ciphertexts are large
-        line_start = pos == 0 or body[pos - 1:pos] == b"\n"
-        m = tail.match(body, pos + len(marker)) if line_start else None
-        if m:
-            cut = pos - (2 if body[pos - 2:pos] == b"\r\n" else 1) if pos else 0
-            if start is not None:
-                parts.append(body[start:cut])
-            if m.group(1):  # the close delimiter
-                return parts
-            start = m.end()
-        pos = body.find(marker, pos + len(marker))
-    return parts if parts else None
-
-
-def canonical(data: bytes) -> bytes:
-    """RFC 3156 canonical form: every line ending CRLF."""
-    return re.sub(rb"\r?\n", b"\r\n", data)
-
-
 def _process(part: Message, raw: bytes | None, ctx: _Ctx, depth: int) -> tuple[Message, list[Seg]]:
     """The part with its PGP opened, and one Seg per content part inside it."""
     if depth > MAX_DEPTH:
@@ -208,7 +163,7 @@ def _multipart_encrypted(part: Message, ctx: _Ctx, depth: int,
         raise DecryptionFailed(f"multipart/encrypted with protocol {protocol or '(none)'!r} "
                                "is not OpenPGP and cannot be read")
     if raw is not None:
-        children = [_light(p) for p in split_parts(raw, part.get_boundary() or "") or []]
+        children = [light_entity(p) for p in split_parts(raw, part.get_boundary() or "") or []]
     else:
         children = part.get_payload() if part.is_multipart() else []
     if len(children) < 2:
@@ -393,7 +348,7 @@ def unwrap(msg: Message | bytes, *, gnupghome: str, passphrase: str | None = Non
     try:
         raw = bytes(msg) if isinstance(msg, bytes | bytearray) else _flatten(msg)
         ctx = _Ctx(gnupghome, passphrase)
-        root = _light(raw)
+        root = light_entity(raw)
         if root.get_content_type() == "multipart/encrypted":  # the common case, kept cheap
             new_root, segs = _multipart_encrypted(root, ctx, 0, raw)
         else:
