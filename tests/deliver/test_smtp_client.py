@@ -36,6 +36,15 @@ def conn_to(server: SmtpDouble, **options: object) -> SmtpConnection:
     return SmtpConnection("127.0.0.1", server.port, timeout=10, **options)  # type: ignore[arg-type]
 
 
+def send_once(server: SmtpDouble) -> SendResult:
+    """One message on a new connection, closed after (QUIT)."""
+    conn = conn_to(server)
+    try:
+        return conn.send(SENDER, RCPT, b"x\r\n")
+    finally:
+        conn.close()
+
+
 def test_lockstep_to_aiosmtpd_byte_exact(sink: tuple[SinkHandler, int]) -> None:
     handler, port = sink
     conn = SmtpConnection("127.0.0.1", port, timeout=10)
@@ -100,11 +109,7 @@ def test_refused_rcpt_then_rset(servers: list[SmtpDouble], reply: str, permanent
 
 def test_refused_mail_reports_mail_reply(servers: list[SmtpDouble]) -> None:
     server = serve(servers, mail_reply="553 5.1.8 sender domain unknown")
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert (result.ok, result.permanent) == (False, True)
     assert result.reply == "553 5.1.8 sender domain unknown"  # not the 554 that DATA got
     assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT"]
@@ -114,11 +119,7 @@ def test_refused_mail_reports_mail_reply(servers: list[SmtpDouble]) -> None:
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_refused_data_command(servers: list[SmtpDouble], pipelining: bool) -> None:
     server = serve(servers, pipelining=pipelining, data_reply="554 5.3.0 not now")
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert (result.ok, result.permanent, result.reply) == (False, True, "554 5.3.0 not now")
     assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT"]
 
@@ -127,11 +128,7 @@ def test_refused_data_command(servers: list[SmtpDouble], pipelining: bool) -> No
                                              ("451 4.3.0 local error", False)])
 def test_refused_after_body(servers: list[SmtpDouble], final: str, permanent: bool) -> None:
     server = serve(servers, final_reply=final)
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert (result.ok, result.permanent, result.reply) == (False, permanent, final)
     assert server.verbs()[-2:] == ["RSET", "QUIT"]
 
@@ -174,11 +171,7 @@ def test_multiline_replies(servers: list[SmtpDouble]) -> None:
 @pytest.mark.parametrize("drop_at", ["MAIL", "."])
 def test_reconnects_once_after_a_drop(servers: list[SmtpDouble], drop_at: str) -> None:
     server = serve(servers, drop_at=drop_at, drops=1)
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert result.ok
     assert server.connections == 2 and len(server.transactions) == 1
 
@@ -221,11 +214,7 @@ def test_a_send_cut_off_at_shutdown_is_not_made_again(servers: list[SmtpDouble])
 
 def test_drop_twice_is_a_temporary_failure(servers: list[SmtpDouble]) -> None:
     server = serve(servers, drop_at="MAIL", drops=-1)
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert not result.ok and not result.permanent
     assert result.reply.startswith(f"connection to 127.0.0.1:{server.port} lost")
     assert server.connections == 2 and server.transactions == []
@@ -448,11 +437,7 @@ def test_an_unreadable_reply_is_a_temporary_failure(servers: list[SmtpDouble], v
     # all a permanent refusal: tried again later, not bounced to its sender as undeliverable
     server = serve(servers, **({"rcpt_replies": {RCPT: huge}} if verb == "RCPT"
                                else {"final_reply": huge}))
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert not result.ok and not result.permanent
     assert "reply too long to read" in result.reply
     assert len(result.reply) < 200
@@ -460,9 +445,5 @@ def test_an_unreadable_reply_is_a_temporary_failure(servers: list[SmtpDouble], v
 
 def test_a_garbage_reply_is_a_temporary_failure(servers: list[SmtpDouble]) -> None:
     server = serve(servers, final_reply="\x00\xff garbage \x1b[31m")
-    conn = conn_to(server)
-    try:
-        result = conn.send(SENDER, RCPT, b"x\r\n")
-    finally:
-        conn.close()
+    result = send_once(server)
     assert not result.ok and not result.permanent
