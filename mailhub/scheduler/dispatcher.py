@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailhub.errors import MailhubError
-from mailhub.instance import dead_here, default_instance_id, pid_alive  # noqa: F401 (re-exported)
+from mailhub.instance import dead_here, default_instance_id, pid_alive
 from mailhub.scheduler import ledger
 from mailhub.scheduler.ledger import STALE_CLAIM, Claim
 from mailhub.scheduler.sender import Outcome, Processor, StepSender

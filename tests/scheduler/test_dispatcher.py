@@ -270,7 +270,8 @@ offset = "+1h"
 def test_claims_of_dead_local_processes_are_released_at_start(hub) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from mailhub.scheduler.dispatcher import pid_alive, release_dead_claims
+    from mailhub.instance import pid_alive
+    from mailhub.scheduler.dispatcher import release_dead_claims
 
     now = wall("2027-03-13T09:00:01", CHI)
     dead = subprocess_pid()
