@@ -45,8 +45,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"imported {r['kind']} key {r['fingerprint']} for {r['address']}")
         if r["changed"]:
-            print(f"  note: {r['address']} already had a different key; both are kept and the "
-                  "change is recorded in the audit log")
+            print(f"  note: {r['address']} already had a different key; both are kept, this "
+                  "one is used for new mail, and the change is recorded in the audit log")
     return 0
 
 
