@@ -70,8 +70,10 @@ def _upsert(session: Session, rec: KeyRecord, changed: list[str]) -> KeyRecord:
 
 
 def _openpgp_record(info: KeyInfo, address: str, *, own: bool, source: str) -> KeyRecord:
+    # a partner's key is usable until its encryption subkey expires; an own key until it does
+    expires = info.expires if own else info.encrypt_expires
     return KeyRecord(address=address.lower(), kind="openpgp", fingerprint=info.fingerprint,
-                     expires=as_utc(info.expires), source=source, own=own,
+                     expires=as_utc(expires), source=source, own=own,
                      revoked=info.revoked, usable=info.usable_for_encryption,
                      unusable_reason="" if info.usable_for_encryption else "no usable encryption key")
 
