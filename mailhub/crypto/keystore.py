@@ -83,17 +83,23 @@ def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOut
     data = read_user_bytes(path, "key file", KeyImportError)
     records: list[KeyRecord] = []
     changed: list[str] = []
+
+    def bound(addresses: tuple[str, ...]) -> list[str]:
+        """With --address, the key is for that address alone: any other user ID or SAN on it
+        is a claim nobody checked, and would take over that address's mail."""
+        return [a for a in addresses if address is None or a.lower() == address.strip().lower()]
+
     with Session(hub.engine, expire_on_commit=False) as session:
         if b"-----BEGIN PGP" in data or data[:1] and data[0] & 0x80:
             infos = hub.keys.keyring.import_public(data, expected_address=address)
             for info in infos:
-                for addr in info.addresses:
+                for addr in bound(info.addresses):
                     records.append(_upsert(session, _openpgp_record(info, addr, own=False,
                                                                     source="imported"), changed))
         else:
             info, chain = check_partner_cert(data, expected_address=address)
             pem = chain[0].public_bytes(serialization.Encoding.PEM).decode()
-            for addr in info.addresses:
+            for addr in bound(info.addresses):
                 records.append(_upsert(session, KeyRecord(
                     address=addr.lower(), kind="smime", fingerprint=info.fingerprint,
                     expires=as_utc(info.not_after), source="imported", material=pem),

@@ -109,3 +109,17 @@ def test_import_own_refuses_a_passphrase_protected_key_and_says_how(instance: In
     code, out, err = instance.run("keys", "import-own", str(secret))
     assert code == 0, err
     assert fpr in {r["fingerprint"] for r in json.loads(instance.run("keys", "list", "--json")[1])}
+
+
+def test_import_with_address_binds_only_that_address(instance: Instance, short_tmp: Path) -> None:
+    home, _ = make_recipient(short_tmp, "doc@clinic-a.example")
+    fpr = gpg(home, "--with-colons", "--list-keys").stdout.decode().split("fpr:::::::::")[1][:40]
+    assert gpg(home, "--quick-add-uid", fpr, "Not Me <anna@medvoyage.example>").returncode == 0
+    pub = short_tmp / "two-uids.asc"
+    pub.write_bytes(gpg(home, "--armor", "--export", fpr).stdout)
+    code, out, err = instance.run("keys", "import", str(pub), "--address",
+                                  "Doc@Clinic-A.example", "--json")
+    assert code == 0, err
+    assert [r["address"] for r in json.loads(out)] == ["doc@clinic-a.example"]
+    rows = json.loads(instance.run("keys", "list", "--json")[1])
+    assert {r["address"] for r in rows if not r["own"]} == {"doc@clinic-a.example"}
