@@ -78,6 +78,20 @@ def _openpgp_record(info: KeyInfo, address: str, *, own: bool, source: str) -> K
                      unusable_reason="" if info.usable_for_encryption else "no usable encryption key")
 
 
+def _mark_unusable(session: Session, info: KeyInfo) -> list[KeyRecord]:
+    """A known key came back revoked or unusable: every record of it stops being used."""
+    rows = session.exec(select(KeyRecord).where(
+        KeyRecord.kind == "openpgp", KeyRecord.fingerprint == info.fingerprint,
+        KeyRecord.own == False)).all()  # noqa: E712
+    for row in rows:
+        row.revoked = info.revoked
+        row.usable = False
+        row.unusable_reason = "revoked" if info.revoked else "no usable encryption key"
+        row.updated_at = utcnow()
+        session.add(row)
+    return list(rows)
+
+
 def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOutcome:  # type: ignore[no-untyped-def]
     """Import a partner's or patient's public key (armored OpenPGP) or certificate (PEM/DER)."""
     data = read_user_bytes(path, "key file", KeyImportError)
@@ -93,6 +107,9 @@ def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOut
         if b"-----BEGIN PGP" in data or data[:1] and data[0] & 0x80:
             infos = hub.keys.keyring.import_public(data, expected_address=address)
             for info in infos:
+                if not info.usable_for_encryption:
+                    records.extend(_mark_unusable(session, info))
+                    continue
                 for addr in bound(info.addresses):
                     records.append(_upsert(session, _openpgp_record(info, addr, own=False,
                                                                     source="imported"), changed))

@@ -175,7 +175,10 @@ class Keyring:
         return keys, has_secret
 
     def import_public(self, data: bytes, *, expected_address: str | None = None) -> list[KeyInfo]:
-        """Import a partner's or patient's public key; refuse anything the hub must not use."""
+        """Import a partner's or patient's public key; refuse anything the hub must not use.
+
+        A key the keyring already holds is imported even when it is now revoked or unusable:
+        that is how a revocation reaches the hub (the caller marks its records)."""
         if b"PRIVATE KEY BLOCK" in data:
             raise KeyImportError("this file holds a secret key: never import a partner's secret "
                                  "key", hint="ask the partner for their public key only")
@@ -191,6 +194,8 @@ class Keyring:
                        "it names no email address" if not k.addresses else
                        f"its encryption key is too short ({k.weak_encryption}; at least "
                        f"{MIN_BITS} bits)" if k.weak_encryption else "")
+            if problem and self.get(k.fingerprint) is not None:
+                continue  # an update (revocation) of a key in use: take it in
             if problem:
                 raise KeyImportError(f"key {k.fingerprint} refused: {problem}",
                                      hint="ask the key's owner for a current key")
