@@ -38,15 +38,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     outcome = import_key_file(hub, Path(args.file), address=args.address)
     rows = [{"address": r.address, "kind": r.kind, "fingerprint": r.fingerprint,
              "expires": r.expires.isoformat() if r.expires else None, "source": r.source,
-             "changed": r.address in outcome.changed} for r in outcome.records]
+             "changed": r.address in outcome.changed,
+             "usable": r.usable and not r.revoked} for r in outcome.records]
     if args.json:
         print_json(rows)
         return 0
     for r in rows:
+        if not r["usable"]:
+            print(f"{r['kind']} key {r['fingerprint']} for {r['address']} is revoked or "
+                  "unusable now: no new mail is encrypted to it")
+            continue
         print(f"imported {r['kind']} key {r['fingerprint']} for {r['address']}")
         if r["changed"]:
-            print(f"  note: {r['address']} already had a different key; both are kept and the "
-                  "change is recorded in the audit log")
+            print(f"  note: {r['address']} already had a different key; both are kept, this "
+                  "one is used for new mail, and the change is recorded in the audit log")
     return 0
 
 

@@ -87,7 +87,7 @@ def learn(session: Session, hub, raw: bytes) -> str:  # type: ignore[no-untyped-
     imported = [r for r in rows if r.source == "imported"]
     changed = bool(imported or auto)
     rec = KeyRecord(address=addr, kind="openpgp", fingerprint=fpr,
-                    expires=as_utc(infos[0].expires), source="autocrypt", prefer_encrypt=prefer,
+                    expires=as_utc(infos[0].encrypt_expires), source="autocrypt", prefer_encrypt=prefer,
                     last_seen=new.last_seen, autocrypt_timestamp=new.autocrypt_timestamp,
                     usable=not changed and infos[0].usable_for_encryption,
                     unusable_reason=("a different key was seen in an Autocrypt header; "

@@ -32,6 +32,7 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----"
 _CERT_LABELS = {b"CERTIFICATE", b"X509 CERTIFICATE", b"TRUSTED CERTIFICATE"}
 _PKCS7_LABELS = {b"PKCS7", b"CMS"}
 _PKCS12_BAG_ARC = bytes.fromhex("2a864886f70d010c0a01")  # 1.2.840.113549.1.12.10.1 (PKCS#12 bags)
+MIN_RSA_BITS = 2048  # what the hub will encrypt to (NIST SP 800-131A: 1024 is disallowed)
 _HINT_PARTNER = "ask the partner for their S/MIME certificate (PEM or DER, public part only)"
 
 
@@ -47,6 +48,7 @@ class CertInfo:
     is_ca: bool
     can_encrypt: bool
     expired: bool
+    key_bits: int = 0  # RSA modulus length (0: not RSA)
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,13 @@ def cert_info(cert: x509.Certificate, now: dt.datetime | None = None) -> CertInf
         fingerprint=fingerprint(cert), subject=subject_string(cert),
         addresses=cert_addresses(cert), not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc, is_ca=is_ca(cert), can_encrypt=can_encrypt(cert),
-        expired=now > cert.not_valid_after_utc,
+        expired=now > cert.not_valid_after_utc, key_bits=_rsa_bits(cert),
     )
+
+
+def _rsa_bits(cert: x509.Certificate) -> int:
+    key = cert.public_key()
+    return key.key_size if isinstance(key, rsa.RSAPublicKey) else 0
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -254,6 +261,10 @@ def partner_refusal(
         return (f"{who} cannot be used to encrypt email to it (the hub needs an RSA key allowed "
                 "for key encipherment and email protection)",
                 "ask the partner for an RSA S/MIME encryption certificate")
+    if info.key_bits < MIN_RSA_BITS:
+        return (f"{who} has a {info.key_bits}-bit RSA key, too short to protect health data "
+                f"(at least {MIN_RSA_BITS} bits)",
+                "ask the partner for a certificate with an RSA-2048 or longer key")
     if expected_address and expected_address.lower() not in {a.lower() for a in info.addresses}:
         return (f"certificate is for {', '.join(info.addresses)}, not {expected_address}",
                 "import the certificate that belongs to this address")

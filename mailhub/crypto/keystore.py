@@ -70,10 +70,26 @@ def _upsert(session: Session, rec: KeyRecord, changed: list[str]) -> KeyRecord:
 
 
 def _openpgp_record(info: KeyInfo, address: str, *, own: bool, source: str) -> KeyRecord:
+    # a partner's key is usable until its encryption subkey expires; an own key until it does
+    expires = info.expires if own else info.encrypt_expires
     return KeyRecord(address=address.lower(), kind="openpgp", fingerprint=info.fingerprint,
-                     expires=as_utc(info.expires), source=source, own=own,
+                     expires=as_utc(expires), source=source, own=own,
                      revoked=info.revoked, usable=info.usable_for_encryption,
                      unusable_reason="" if info.usable_for_encryption else "no usable encryption key")
+
+
+def _mark_unusable(session: Session, info: KeyInfo) -> list[KeyRecord]:
+    """A known key came back revoked or unusable: every record of it stops being used."""
+    rows = session.exec(select(KeyRecord).where(
+        KeyRecord.kind == "openpgp", KeyRecord.fingerprint == info.fingerprint,
+        KeyRecord.own == False)).all()  # noqa: E712
+    for row in rows:
+        row.revoked = info.revoked
+        row.usable = False
+        row.unusable_reason = "revoked" if info.revoked else "no usable encryption key"
+        row.updated_at = utcnow()
+        session.add(row)
+    return list(rows)
 
 
 def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOutcome:  # type: ignore[no-untyped-def]
@@ -81,17 +97,26 @@ def import_key_file(hub, path: Path, *, address: str | None = None) -> ImportOut
     data = read_user_bytes(path, "key file", KeyImportError)
     records: list[KeyRecord] = []
     changed: list[str] = []
+
+    def bound(addresses: tuple[str, ...]) -> list[str]:
+        """With --address, the key is for that address alone: any other user ID or SAN on it
+        is a claim nobody checked, and would take over that address's mail."""
+        return [a for a in addresses if address is None or a.lower() == address.strip().lower()]
+
     with Session(hub.engine, expire_on_commit=False) as session:
         if b"-----BEGIN PGP" in data or data[:1] and data[0] & 0x80:
             infos = hub.keys.keyring.import_public(data, expected_address=address)
             for info in infos:
-                for addr in info.addresses:
+                if not info.usable_for_encryption:
+                    records.extend(_mark_unusable(session, info))
+                    continue
+                for addr in bound(info.addresses):
                     records.append(_upsert(session, _openpgp_record(info, addr, own=False,
                                                                     source="imported"), changed))
         else:
             info, chain = check_partner_cert(data, expected_address=address)
             pem = chain[0].public_bytes(serialization.Encoding.PEM).decode()
-            for addr in info.addresses:
+            for addr in bound(info.addresses):
                 records.append(_upsert(session, KeyRecord(
                     address=addr.lower(), kind="smime", fingerprint=info.fingerprint,
                     expires=as_utc(info.not_after), source="imported", material=pem),

@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.utils import parseaddr
 from pathlib import Path
 
 import gnupg
 
+from mailhub.crypto.key_listing import MIN_BITS, KeyInfo, parse_key_listing
 from mailhub.crypto.openpgp_ops import (
     BASE_ARGS,
     DecryptOutcome,
@@ -74,94 +73,10 @@ cert-digest-algo SHA512
 """
 AGENT_CONF = "# Written by mailhub.\nallow-loopback-pinentry\ndisable-scdaemon\n"
 DIRMNGR_OFF = "# Written by mailhub: no keyserver, no WKD.\ndisable-http\ndisable-ldap\n"
-_ALGOS = {"1": "rsa", "2": "rsa", "3": "rsa", "16": "elg", "17": "dsa", "18": "ecdh",
-          "19": "ecdsa", "22": "eddsa"}
 
 
 class KeyNotFound(CryptoError, NotFound):
     """The fingerprint names no key in the hub's keyring."""
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    """One OpenPGP key as gpg lists it (primary fingerprint, valid user IDs, capabilities)."""
-
-    fingerprint: str
-    addresses: tuple[str, ...]
-    uids: tuple[str, ...]
-    created: datetime
-    expires: datetime | None
-    revoked: bool
-    expired: bool
-    can_encrypt: bool
-    can_sign: bool
-    secret: bool
-    algo: str
-
-    @property
-    def usable_for_encryption(self) -> bool:
-        """gpg's capital E: some valid (unexpired, unrevoked) key or subkey can encrypt."""
-        return not self.revoked and not self.expired and self.can_encrypt
-
-    @property
-    def usable_for_signing(self) -> bool:
-        return not self.revoked and not self.expired and self.can_sign and self.secret
-
-
-def _unescape(field: str) -> str:
-    """Undo gpg's colon-listing escapes (\\x3a for ':' and control characters)."""
-    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
-                 field.encode("utf-8", "surrogateescape"))
-    return raw.decode("utf-8", "replace")
-
-
-def _ts(value: str) -> datetime | None:
-    return datetime.fromtimestamp(int(value), UTC) if value.isdigit() else None
-
-
-def parse_key_listing(text: str, *, now: datetime | None = None) -> list[KeyInfo]:
-    """Keys from ``gpg --with-colons`` output (list, --with-secret, or --show-keys)."""
-    now = now or datetime.now(UTC)
-    keys: list[KeyInfo] = []
-    cur: dict | None = None
-
-    def flush() -> None:
-        if cur and cur["fpr"]:
-            expires = _ts(cur["f"][6])
-            keys.append(KeyInfo(
-                fingerprint=cur["fpr"], addresses=tuple(dict.fromkeys(cur["addrs"])),
-                uids=tuple(cur["uids"]), created=_ts(cur["f"][5]) or datetime.fromtimestamp(0, UTC),
-                expires=expires, revoked=cur["f"][1] == "r",
-                expired=cur["f"][1] == "e" or (expires is not None and expires <= now),
-                can_encrypt="E" in cur["f"][11], can_sign="S" in cur["f"][11],
-                secret=cur["secret"], algo=cur["algo"]))
-
-    for line in text.splitlines():
-        f = line.split(":")
-        if len(f) < 10:
-            continue
-        rec = f[0]
-        if rec in ("pub", "sec"):
-            flush()
-            f += [""] * (18 - len(f))
-            name = _ALGOS.get(f[3], f"algo{f[3]}")
-            algo = f[16] if f[16] else f"{name}{f[2]}"
-            cur = {"f": f, "fpr": "", "uids": [], "addrs": [], "in_sub": False, "algo": algo,
-                   "secret": rec == "sec" or f[14].startswith("+")}
-        elif cur is None:
-            continue
-        elif rec in ("sub", "ssb"):
-            cur["in_sub"] = True
-        elif rec == "fpr" and not cur["in_sub"] and not cur["fpr"]:
-            cur["fpr"] = f[9].upper()
-        elif rec == "uid" and f[1] not in ("r", "e"):
-            uid = _unescape(f[9])
-            cur["uids"].append(uid)
-            addr = parseaddr(uid)[1]
-            if "@" in addr:
-                cur["addrs"].append(addr.lower())
-    flush()
-    return keys
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -260,7 +175,10 @@ class Keyring:
         return keys, has_secret
 
     def import_public(self, data: bytes, *, expected_address: str | None = None) -> list[KeyInfo]:
-        """Import a partner's or patient's public key; refuse anything the hub must not use."""
+        """Import a partner's or patient's public key; refuse anything the hub must not use.
+
+        A key the keyring already holds is imported even when it is now revoked or unusable:
+        that is how a revocation reaches the hub (the caller marks its records)."""
         if b"PRIVATE KEY BLOCK" in data:
             raise KeyImportError("this file holds a secret key: never import a partner's secret "
                                  "key", hint="ask the partner for their public key only")
@@ -272,7 +190,12 @@ class Keyring:
             problem = ("it is revoked" if k.revoked else
                        f"it expired on {k.expires:%Y-%m-%d}" if k.expired and k.expires else
                        "it is expired" if k.expired else
-                       "it has no valid encryption subkey" if not k.can_encrypt else "")
+                       "it has no valid encryption subkey" if not k.can_encrypt else
+                       "it names no email address" if not k.addresses else
+                       f"its encryption key is too short ({k.weak_encryption}; at least "
+                       f"{MIN_BITS} bits)" if k.weak_encryption else "")
+            if problem and self.get(k.fingerprint) is not None:
+                continue  # an update (revocation) of a key in use: take it in
             if problem:
                 raise KeyImportError(f"key {k.fingerprint} refused: {problem}",
                                      hint="ask the key's owner for a current key")

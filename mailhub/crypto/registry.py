@@ -68,7 +68,10 @@ class KeySnapshot:
                 if stamp == self._stamp and not force:
                     self._checked = time.monotonic()
                     return
-                rows = session.exec(select(KeyRecord).where(KeyRecord.own == False)).all()  # noqa: E712
+                # newest first: among equally ranked keys the policy takes the first, and a
+                # key imported by hand after another (a renewal) is the one to use
+                rows = session.exec(select(KeyRecord).where(KeyRecord.own == False)  # noqa: E712
+                                    .order_by(KeyRecord.id.desc())).all()  # type: ignore[union-attr]
             by_addr: dict[str, list[KeyRecord]] = defaultdict(list)
             for rec in rows:
                 by_addr[rec.address.lower()].append(rec)

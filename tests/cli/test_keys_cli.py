@@ -109,3 +109,40 @@ def test_import_own_refuses_a_passphrase_protected_key_and_says_how(instance: In
     code, out, err = instance.run("keys", "import-own", str(secret))
     assert code == 0, err
     assert fpr in {r["fingerprint"] for r in json.loads(instance.run("keys", "list", "--json")[1])}
+
+
+def test_import_with_address_binds_only_that_address(instance: Instance, short_tmp: Path) -> None:
+    home, _ = make_recipient(short_tmp, "doc@clinic-a.example")
+    fpr = gpg(home, "--with-colons", "--list-keys").stdout.decode().split("fpr:::::::::")[1][:40]
+    assert gpg(home, "--quick-add-uid", fpr, "Not Me <anna@medvoyage.example>").returncode == 0
+    pub = short_tmp / "two-uids.asc"
+    pub.write_bytes(gpg(home, "--armor", "--export", fpr).stdout)
+    code, out, err = instance.run("keys", "import", str(pub), "--address",
+                                  "Doc@Clinic-A.example", "--json")
+    assert code == 0, err
+    assert [r["address"] for r in json.loads(out)] == ["doc@clinic-a.example"]
+    rows = json.loads(instance.run("keys", "list", "--json")[1])
+    assert {r["address"] for r in rows if not r["own"]} == {"doc@clinic-a.example"}
+
+
+def test_a_revocation_of_a_key_in_use_is_taken_in(instance: Instance, short_tmp: Path) -> None:
+    home, pub = make_recipient(short_tmp, "doc@clinic-a.example")
+    assert instance.run("keys", "import", str(pub))[0] == 0
+    fpr = gpg(home, "--with-colons", "--list-keys").stdout.decode().split("fpr:::::::::")[1][:40]
+    rev = (home / "openpgp-revocs.d" / f"{fpr}.rev").read_text().replace("\n:-----", "\n-----")
+    assert gpg(home, "--import", data=rev.encode()).returncode == 0
+    revoked = short_tmp / "revoked.asc"
+    revoked.write_bytes(gpg(home, "--armor", "--export", fpr).stdout)
+    code, out, err = instance.run("keys", "import", str(revoked))
+    assert code == 0, err
+    assert "no new mail is encrypted to it" in out
+    [row] = [r for r in json.loads(instance.run("keys", "list", "--json")[1]) if not r["own"]]
+    assert (row["fingerprint"], row["warning"]) == (fpr, "revoked")
+    # a revoked key the hub never held is still refused
+    other, other_pub = make_recipient(short_tmp, "lab@clinic-b.example")
+    ofpr = gpg(other, "--with-colons", "--list-keys").stdout.decode().split("fpr:::::::::")[1][:40]
+    orev = (other / "openpgp-revocs.d" / f"{ofpr}.rev").read_text().replace("\n:-----", "\n-----")
+    assert gpg(other, "--import", data=orev.encode()).returncode == 0
+    other_pub.write_bytes(gpg(other, "--armor", "--export", ofpr).stdout)
+    code, _, err = instance.run("keys", "import", str(other_pub))
+    assert code != 0 and "revoked" in err

@@ -182,6 +182,12 @@ def test_key_that_cannot_encrypt_is_refused() -> None:
         check_partner_cert(_cert(key_usage=sign_only))
 
 
+def test_short_rsa_key_is_refused() -> None:
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    with pytest.raises(KeyImportError, match="1024-bit RSA key, too short"):
+        check_partner_cert(_cert(key=short))
+
+
 def test_address_mismatch_is_refused(partner: tuple[bytes, bytes]) -> None:
     with pytest.raises(KeyImportError, match="not someone@else.example"):
         check_partner_cert(partner[1], expected_address="someone@else.example")

@@ -50,6 +50,17 @@ def other() -> Iterator[str]:
         gpg_cli(h, "--import", data=re.sub(r"(?m)^:", "", cert).encode())
         gpg_cli(h, "--quick-gen-key", "Signer Only <signonly@partner.example>", "ed25519",
                 "sign,cert", "2y")
+        gpg_cli(h, "--quick-gen-key", "No Address Partner", "future-default", "default", "2y")
+        gpg_cli(h, "--quick-gen-key", "Weak Partner <weak@partner.example>", "rsa1024",
+                "sign,cert", "2y")
+        gpg_cli(h, "--quick-add-key", cli_primary_fpr(h, "weak@partner.example"), "rsa1024",
+                "encr", "2y")
+        # a primary that never expires, with an encryption subkey made 10 days ago for 12
+        past = (datetime.now(UTC) - timedelta(days=10)).strftime("%Y%m%dT%H%M%S")
+        gpg_cli(h, "--faked-system-time", past, "--quick-gen-key",
+                "Short Sub <shortsub@partner.example>", "ed25519", "sign,cert", "never")
+        gpg_cli(h, "--faked-system-time", past, "--quick-add-key",
+                cli_primary_fpr(h, "shortsub@partner.example"), "cv25519", "encr", "12d")
         yield h
 
 
@@ -123,6 +134,8 @@ def test_import_public_refuses_secret_material(home: str, other: str) -> None:
     ("old@partner.example", "expired"),
     ("rev@partner.example", "revoked"),
     ("signonly@partner.example", "no valid encryption subkey"),
+    ("No Address Partner", "names no email address"),
+    ("weak@partner.example", r"encryption key is too short \(rsa1024"),
 ])
 def test_import_public_refuses_unusable_keys(home: str, other: str, who: str,
                                              reason: str) -> None:
@@ -130,6 +143,20 @@ def test_import_public_refuses_unusable_keys(home: str, other: str, who: str,
     with pytest.raises(KeyImportError, match=reason):
         kr.import_public(export(other, who))
     assert kr.list_keys() == []
+
+
+def test_a_key_is_usable_only_until_its_encryption_subkey_expires(home: str, other: str) -> None:
+    from mailhub.crypto.keystore import _openpgp_record
+    from mailhub.crypto.registry import candidate_from_record
+
+    [info] = Keyring(Path(home)).import_public(export(other, "shortsub@partner.example"))
+    assert info.expires is None and info.encrypt_expires is not None  # the primary never expires
+    assert timedelta(days=1) < info.encrypt_expires - datetime.now(UTC) < timedelta(days=3)
+    rec = _openpgp_record(info, "shortsub@partner.example", own=False, source="imported")
+    assert rec.expires == info.encrypt_expires  # what 'keys list' shows and the policy reads
+    assert candidate_from_record(rec, datetime.now(UTC)).usable
+    later = candidate_from_record(rec, datetime.now(UTC) + timedelta(days=3))
+    assert not later.usable and later.reason.startswith("expired on ")
 
 
 def test_import_public_refuses_garbage_and_truncated_armor(home: str, other: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlmodel import Session
 
 from mailhub.crypto.registry import KeySnapshot
+from mailhub.policy.outbound import choose_key
 from mailhub.store.db import make_engine, migrate
 from mailhub.store.models import KeyRecord
 
@@ -56,4 +57,21 @@ def test_a_change_is_seen_after_check_every(tmp_path: Path) -> None:
         session.add(KeyRecord(address=ADDRESS, kind="smime", fingerprint="CD" * 20))
         session.commit()
     assert [c.kind for c in snapshot.candidates(ADDRESS)] == ["smime"]
+    engine.dispose()
+
+
+def test_the_key_imported_last_is_the_one_used(tmp_path: Path) -> None:
+    """A partner's renewed key or certificate, imported by hand, replaces the old one for new
+    mail at once (both rows are kept, and the old one may still be valid for a while)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    migrate(engine)
+    snapshot = KeySnapshot(engine, check_every=0)
+    for kind, old, new in (("openpgp", "AB" * 20, "CD" * 20), ("smime", "ab" * 32, "cd" * 32)):
+        address = f"{kind}-{ADDRESS}"
+        for fpr in (old, new):
+            with Session(engine) as session:
+                session.add(KeyRecord(address=address, kind=kind, fingerprint=fpr))
+                session.commit()
+        key, _why = choose_key(snapshot.candidates(address), address, None)
+        assert key is not None and key.fingerprint == new
     engine.dispose()
