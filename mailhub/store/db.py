@@ -124,8 +124,16 @@ def migrate(engine: Engine) -> None:
     try:
         command.upgrade(_alembic_config(engine), "head")
     except Exception as exc:  # alembic raises many types; the CLI needs one
-        raise StoreError(f"database migration failed: {exc}",
+        raise StoreError(f"database migration failed: {driver_words(exc, engine)}",
                          hint="check [hub].database_url and that the database is reachable") from exc
+
+
+def driver_words(exc: BaseException, engine: Engine) -> str:
+    """A database error on one line, in the driver's words (the error line is one line, not
+    SQLAlchemy's statement dump and "Background on this error" link), never with a password."""
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    password = engine.url.password
+    return text.replace(str(password), "***") if password else text
 
 
 def schema_revision(engine: Engine) -> str | None:
