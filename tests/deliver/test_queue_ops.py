@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.conftest import Instance
 from tests.deliver.test_crash import (
     PLAIN_RCPT,
     Burst,
@@ -49,3 +50,13 @@ def test_a_row_being_sent_is_not_reported_dropped(short_tmp: Path,
     rows = {r["id"]: r for r in json.loads(inst.run("queue", "list", "--json")[1])}
     assert rows[row_id]["status"] == "sent"
     assert not sql(inst, "SELECT seq FROM audit_entry WHERE action = 'dropped'")
+
+
+def test_an_id_that_is_no_queue_id_is_a_usage_error(instance: Instance) -> None:
+    for action in (("release",), ("drop", "--reason", "test")):
+        for bad in ("99999999999999999999", "abc", "0"):
+            code, out, err = instance.run("queue", *action, "--", bad)
+            assert code == 2 and out == "", (action, bad, err)
+            assert "is not a queue id" in err and "internal error" not in err, err
+        code, out, err = instance.run("queue", *action, "--", "77")
+        assert code == 1 and err.startswith("mailhub: error: no queue entry 77"), err
