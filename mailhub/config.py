@@ -292,12 +292,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         "domain", "data_dir", "database_url", "keys_dir", "rules_dir", "templates_dir",
         "display_name", "postmaster"})
     domain = check_domain(hub.str("domain"))
-    db_url = hub.str("database_url")
-    if db_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", db_url):
-        raise ConfigError(
-            f"[hub].database_url = {db_url!r} is not supported",
-            hint='leave it empty for SQLite, or use "postgresql+psycopg://user@host/db"',
-        )
+    from mailhub.store.db import check_database_url
+
+    db_url = check_database_url(hub.str("database_url"))
     postmaster = hub.str("postmaster")
     hub_cfg = HubConfig(
         domain=domain,

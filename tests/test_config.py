@@ -65,6 +65,25 @@ def test_bad_values_name_the_key(tmp_path: Path, section: str, key: str, value: 
     assert f"[{section}].{key}" in str(info.value)
 
 
+@pytest.mark.parametrize("url,message", [
+    ("mysql://mh:S3cret-pw@db.example/hub", "is not supported"),
+    ("mh:S3cret-pw@db.example", "is not supported"),
+    ("postgresql+psycopg://mh:S3cret-pw@db.example:notaport/hub", "is not a database URL"),
+    ("postgresql+psycopg://mh:S3cret:pw@w@db.example:5432x/hub", "is not a database URL"),
+])
+def test_a_refused_database_url_never_shows_its_password(tmp_path: Path, url: str,
+                                                         message: str) -> None:
+    """The error lands in terminals and logs: the URL is named, its password is not (a bad
+    port used to escape as an internal ValueError)."""
+    raw = tomllib.loads(EXAMPLE.read_text())
+    raw["hub"]["database_url"] = url
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(raw, tmp_path / "config.toml")
+    said = f"{info.value.message}\n{info.value.hint}"
+    assert "[hub].database_url" in said and "db.example" in said and ":***@" in said
+    assert "S3cret" not in said and "pw@w" not in said
+
+
 def test_missing_file_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.toml")

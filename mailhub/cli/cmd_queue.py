@@ -10,6 +10,18 @@ from typing import Any
 from mailhub.cli.output import add_json, hub_from, iso, print_json, print_table
 
 
+def queue_id(text: str) -> int:
+    """A queue id as the database can hold it: a number past 64 bits was an internal error
+    (OverflowError from SQLite) instead of a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a queue id (a number)") from None
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is not a queue id: see 'mailhub queue list'")
+    return value
+
+
 def register(sub: Any) -> None:
     q = sub.add_parser("queue", help="outbound messages: queued, held (and why), sent, failed")
     qs = q.add_subparsers(dest="queue_cmd", required=True, metavar="ACTION")
@@ -18,10 +30,10 @@ def register(sub: Any) -> None:
     add_json(p)
     p.set_defaults(func=cmd_list)
     p = qs.add_parser("release", help="evaluate a held message again (e.g. after a key import)")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=queue_id)
     p.set_defaults(func=cmd_release)
     p = qs.add_parser("drop", help="discard a held or queued message (recorded with who and why)")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=queue_id)
     p.add_argument("--reason", required=True, help="why it is dropped (kept in the audit log)")
     p.set_defaults(func=cmd_drop)
 

@@ -133,13 +133,19 @@ def _init_files(config: Config) -> None:
         if _copy_default(name, path):
             print(f"copied default {name}/ to {path}")
     hub = Hub(config)
-    made = hub.keys.generate_all(config.hub.domain, config.hub.display_name)
-    for what, value in made.items():
-        print(f"generated {what}: {value}")
-    hub.migrate()
-    from mailhub.crypto.keystore import record_own_keys
+    had_key = bool(hub.keys.openpgp_own())
+    try:
+        made = hub.keys.generate_all(config.hub.domain, config.hub.display_name)
+        for what, value in made.items():
+            print(f"generated {what}: {value}")
+        hub.migrate()
+        from mailhub.crypto.keystore import record_own_keys
 
-    record_own_keys(hub)
+        record_own_keys(hub)
+    except BaseException:  # a refused database too: the agent that made the key goes with init
+        if not had_key:
+            kill_agent(str(hub.keys.gnupg_home))
+        raise
     where = (make_url(config.hub.database_url).render_as_string(hide_password=True)
              if config.hub.database_url else config.hub.data_dir)  # terminals end up in logs
     print(f"database ready: {where}")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from datetime import datetime
 
+from sqlalchemy import or_, update
 from sqlmodel import Session
 
 from mailhub.crypto.engine import CryptoEngine
@@ -116,20 +117,42 @@ def release(hub, item_id: int, *, actor: str) -> OutboundItem:  # type: ignore[n
 
 
 def drop(hub, item_id: int, *, actor: str, why: str) -> OutboundItem:  # type: ignore[no-untyped-def]
+    """Mark a held or queued row failed, with who and why, unless it is being sent right now.
+
+    The change is one guarded UPDATE, not a read and then a write: a serving hub may claim,
+    send or release the row meanwhile, and its "sent" would otherwise overwrite the drop (or the
+    drop a "sent"), so the CLI would report as dropped a message that was delivered."""
     if not why.strip():
         raise MailhubError("a reason is required to drop a message")
+    reason = f"dropped by {actor}: {why.strip()}"[:500]
+    now = utcnow()
     with Session(hub.engine, expire_on_commit=False) as session:
+        t = OutboundItem.__table__  # type: ignore[attr-defined]
+        done = session.execute(
+            update(t).where(t.c.id == item_id, t.c.status.in_(("held", "queued")),
+                            or_(t.c.sending_since.is_(None),
+                                t.c.sending_since < now - queue.STALE_AFTER))
+            .values(status="failed", reason=reason, updated_at=now, sending_since=None))
         row = queue.get_item(session, item_id)
-        if row.status in ("sent", "failed"):
-            raise MailhubError(f"queue entry {item_id} is already {row.status}")
-        row.status = "failed"
-        row.reason = f"dropped by {actor}: {why.strip()}"[:500]
-        row.updated_at = utcnow()
-        session.add(row)
+        if not done.rowcount:  # type: ignore[attr-defined]
+            session.rollback()
+            _not_droppable(row)
         audit.append(session, actor, "dropped", message_id=row.message_id, case_id=row.case_id,
                      detail={"queue_id": item_id, "why": why.strip()[:300]})
         session.commit()
         return row
+
+
+def _not_droppable(row: OutboundItem) -> None:
+    """Why ``drop`` changed nothing: already finished, or being sent at this moment."""
+    if row.status in ("sent", "failed"):
+        raise MailhubError(f"queue entry {row.id} is already {row.status}",
+                           hint="'mailhub queue list' shows its reason")
+    raise MailhubError(
+        f"queue entry {row.id} is being sent right now (claimed by {row.claimed_by or 'a hub'})",
+        hint="nothing was changed: if the next hop accepts it, it is sent; otherwise try "
+             "again once it waits for a retry. A claim left by a stopped hub is taken back "
+             "when 'mailhub serve' starts (or after ten minutes)")
 
 
 def release_due(next_attempt_at: datetime, decided_at: datetime, key_changed_at: datetime | None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
-from mailhub.errors import StoreError
+from mailhub.errors import ConfigError, StoreError
 
 log = logging.getLogger("mailhub.store")
 
@@ -37,6 +38,34 @@ def _private_file(path: Path) -> None:
         if path.stat().st_mode & 0o077:
             log.warning("database %s is readable by others (mode %o); chmod 600 it and its "
                         "-wal and -shm files", path, path.stat().st_mode & 0o777)
+
+
+def masked_url(url: str) -> str:
+    """A database URL fit for terminals and logs: its password, if any, shown as ``***``."""
+    head, at, rest = url.rpartition("@")
+    if not at:
+        return url
+    scheme, slashes, userinfo = head.rpartition("://")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{slashes}{user}{':***' if colon else ''}@{rest}"
+
+
+def check_database_url(url: str) -> str:
+    """``url`` when SQLAlchemy can use it; the error names it without its password."""
+    if not url:
+        return url
+    hint = 'leave it empty for SQLite, or use "postgresql+psycopg://user:password@host/db"'
+    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", url):
+        raise ConfigError(f"[hub].database_url = {masked_url(url)!r} is not supported", hint=hint)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url).port  # noqa: B018 - a port that is not a number fails only here
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"[hub].database_url = {masked_url(url)!r} is not a database URL",
+                          hint=hint) from None
+    return url
 
 
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
@@ -95,8 +124,16 @@ def migrate(engine: Engine) -> None:
     try:
         command.upgrade(_alembic_config(engine), "head")
     except Exception as exc:  # alembic raises many types; the CLI needs one
-        raise StoreError(f"database migration failed: {exc}",
+        raise StoreError(f"database migration failed: {driver_words(exc, engine)}",
                          hint="check [hub].database_url and that the database is reachable") from exc
+
+
+def driver_words(exc: BaseException, engine: Engine) -> str:
+    """A database error on one line, in the driver's words (the error line is one line, not
+    SQLAlchemy's statement dump and "Background on this error" link), never with a password."""
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    password = engine.url.password
+    return text.replace(str(password), "***") if password else text
 
 
 def schema_revision(engine: Engine) -> str | None:

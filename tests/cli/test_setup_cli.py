@@ -190,3 +190,22 @@ def test_init_does_not_print_the_database_password(short_tmp: Path,
     assert code == 0, err
     assert "database ready: postgresql+psycopg://mailhub:***@" in out
     assert "pg-pass-42" not in out + err
+
+
+def test_init_against_an_unreachable_database_is_one_clear_line(short_tmp: Path) -> None:
+    """The driver's words on the error line, no SQLAlchemy boilerplate, no password; and the
+    gpg-agent that made the hub's key is not left running (it used to be, on every such try)."""
+    from tests.conftest import free_port
+
+    target = short_tmp / "hub"
+    target.mkdir()
+    example = (Path(__file__).resolve().parents[2] / "config.example.toml").read_text()
+    url = f"postgresql+psycopg://mailhub:pg-pass-42@127.0.0.1:{free_port()}/hub"
+    (target / "config.toml").write_text(
+        example.replace('database_url = ""', f'database_url = "{url}"', 1))
+    code, out, err = mailhub("init", str(target))
+    assert_clear_error(code, err, "database migration failed:", "Connection refused")
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("mailhub: hint: "), err
+    assert "pg-pass-42" not in out + err and "sqlalche.me" not in err
+    assert not agents_of(target / "keys" / "gnupg")
