@@ -17,8 +17,9 @@ from sqlmodel import Session, select
 from mailhub.app import Hub
 from mailhub.cli.output import add_json, hub_from, print_json
 from mailhub.config import Config, check_domain, load_config, parse_config, read_secret_file
+from mailhub.crypto.atrest import write_secret
 from mailhub.crypto.openpgp_ops import kill_agent
-from mailhub.errors import ConfigError, MailhubError
+from mailhub.errors import ConfigError, MailhubError, StoreError
 from mailhub.fileaccess import read_user_text, user_paths
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +121,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         if text is None:
             print(f"kept existing {cfg_path} (domain {config.hub.domain})")
         else:
-            cfg_path.write_text(text, encoding="utf-8")
+            # 0600: [hub].database_url may be given a password later (PostgreSQL)
+            write_secret(cfg_path, text.encode("utf-8"))
             print(f"wrote {cfg_path}")
         _init_files(config)
     return 0
@@ -133,6 +135,8 @@ def _init_files(config: Config) -> None:
         if _copy_default(name, path):
             print(f"copied default {name}/ to {path}")
     hub = Hub(config)
+    if not hub.keys.atrest_key.exists():
+        _refuse_new_atrest_key_for_old_data(hub)
     had_key = bool(hub.keys.openpgp_own())
     try:
         made = hub.keys.generate_all(config.hub.domain, config.hub.display_name)
@@ -154,6 +158,26 @@ def _init_files(config: Config) -> None:
         # agent is another matter: init only made a key when there was none, so no hub ran)
         kill_agent(str(hub.keys.gnupg_home))
     print(f"next: mailhub --config {cfg_path} users add coordinator@{config.hub.domain}")
+
+
+def _refuse_new_atrest_key_for_old_data(hub: Hub) -> None:
+    """A database that already has its schema was made after an at-rest key (init makes the
+    keys first): with keys/atrest.key gone, a new key would leave everything sealed so far, in
+    the database and the spool, unreadable for good, and init would still report success. The
+    same holds for a second instance pointed at a PostgreSQL database another one set up."""
+    from mailhub.store.db import driver_words, schema_revision
+
+    try:
+        revision = schema_revision(hub.engine)
+    except Exception as exc:  # noqa: BLE001 - unreachable: say so before anything is made
+        raise StoreError(f"cannot reach the database: {driver_words(exc, hub.engine)}",
+                         hint="check [hub].database_url and that the database is reachable") from exc
+    if revision is not None:
+        raise MailhubError(
+            f"{hub.keys.atrest_key} is missing, but the database already holds data sealed with "
+            "an at-rest key; init will not make a new one (what is sealed would be lost)",
+            hint="restore keys/atrest.key (and any keys/atrest-*.key) from your backup, or copy "
+                 "them from the instance that set up this database, then run init again")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -204,8 +204,30 @@ def test_init_against_an_unreachable_database_is_one_clear_line(short_tmp: Path)
     (target / "config.toml").write_text(
         example.replace('database_url = ""', f'database_url = "{url}"', 1))
     code, out, err = mailhub("init", str(target))
-    assert_clear_error(code, err, "database migration failed:", "Connection refused")
+    # the at-rest key check reaches the database first, before any key is made
+    assert_clear_error(code, err, "cannot reach the database:", "Connection refused")
     lines = err.splitlines()
     assert len(lines) == 2 and lines[1].startswith("mailhub: hint: "), err
     assert "pg-pass-42" not in out + err and "sqlalche.me" not in err
     assert not agents_of(target / "keys" / "gnupg")
+
+
+def test_init_will_not_replace_a_lost_at_rest_key_of_a_database_in_use(short_tmp: Path) -> None:
+    """With keys/atrest.key gone, a new key would leave everything sealed so far unreadable
+    while init reported success: it is refused, and nothing is made."""
+    target = short_tmp / "hub"
+    assert mailhub("init", str(target))[0] == 0
+    key = target / "keys" / "atrest.key"
+    key.rename(target / "atrest.key.bak")
+    code, out, err = mailhub("init", str(target))
+    assert_clear_error(code, err, "atrest.key is missing", "already holds data sealed")
+    assert "restore keys/atrest.key" in err
+    assert not key.exists()
+    (target / "atrest.key.bak").rename(key)
+    assert mailhub("init", str(target))[0] == 0  # with it back, init completes as before
+
+
+def test_init_writes_its_config_private(short_tmp: Path) -> None:
+    target = short_tmp / "hub"
+    assert mailhub("init", str(target))[0] == 0
+    assert (target / "config.toml").stat().st_mode & 0o777 == 0o600
