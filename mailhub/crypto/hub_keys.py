@@ -115,6 +115,13 @@ class HubKeys:
         if not self.smime_files():
             key_pem, cert_pem = generate_smime_identity(address, display_name)
             made["smime"] = str(self.add_smime_identity(load_identity(key_pem, cert_pem)))
+        if self.tls_cert.exists() != self.tls_key.exists():  # half a pair: serve could not start
+            have, lost = ((self.tls_cert, self.tls_key) if self.tls_cert.exists()
+                          else (self.tls_key, self.tls_cert))
+            raise ConfigError(f"{lost} is missing but {have} exists; init will not pair a new "
+                                 "file with the old one",
+                                 hint=f"restore {lost.name} from your backup, or move {have.name} "
+                                      "away to have init make a new TLS certificate and key")
         if not self.tls_cert.exists():
             key_pem, cert_pem = generate_tls_identity(["localhost", f"mail.{domain}", domain])
             write_secret(self.tls_key, key_pem)

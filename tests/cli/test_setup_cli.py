@@ -231,3 +231,16 @@ def test_init_writes_its_config_private(short_tmp: Path) -> None:
     target = short_tmp / "hub"
     assert mailhub("init", str(target))[0] == 0
     assert (target / "config.toml").stat().st_mode & 0o777 == 0o600
+
+
+def test_init_with_half_a_tls_pair_says_which_half_is_missing(short_tmp: Path) -> None:
+    target = short_tmp / "hub"
+    assert mailhub("init", str(target))[0] == 0
+    key = target / "keys" / "tls.key"
+    key.rename(target / "tls.key.bak")
+    code, _, err = mailhub("init", str(target))
+    assert_clear_error(code, err, "tls.key is missing but", "tls.crt exists")
+    assert not key.exists()
+    (target / "keys" / "tls.crt").unlink()  # as the hint says: init then makes a new pair
+    assert mailhub("init", str(target))[0] == 0
+    assert key.exists() and (target / "keys" / "tls.crt").exists()
