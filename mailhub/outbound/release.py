@@ -10,7 +10,7 @@ import asyncio
 import logging
 from datetime import datetime
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlmodel import Session
 
 from mailhub.crypto.engine import CryptoEngine
@@ -64,6 +64,7 @@ async def release_async(hub, pipeline: OutboundPipeline, item_id: int, *,  # typ
 
     def save() -> OutboundItem:
         with Session(hub.engine, expire_on_commit=False) as session:
+            _lock_row(session, item_id)  # read and written under one lock: no lost update
             current = queue.get_item(session, item_id)
             if current.status != "held":
                 return current  # released meanwhile by someone else
@@ -114,6 +115,18 @@ def release(hub, item_id: int, *, actor: str) -> OutboundItem:  # type: ignore[n
         return asyncio.run(release_async(hub, OutboundPipeline(hub, crypto), item_id, actor=actor))
     finally:
         crypto.close()
+
+
+def _lock_row(session: Session, item_id: int) -> None:
+    """Hold a queue row against other writers until the session commits: a concurrent
+    ``queue drop``, the serving hub's auto-release or its delivery must not change the row
+    between the status check and the write (SQLite: its one write lock, taken now; PostgreSQL:
+    the row's lock)."""
+    t = OutboundItem.__table__  # type: ignore[attr-defined]
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(t).where(t.c.id == -1).values(id=t.c.id))
+    else:
+        session.execute(select(t.c.id).where(t.c.id == item_id).with_for_update())
 
 
 def drop(hub, item_id: int, *, actor: str, why: str) -> OutboundItem:  # type: ignore[no-untyped-def]

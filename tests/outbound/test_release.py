@@ -148,3 +148,44 @@ def test_a_failure_that_does_not_repeat_neither_holds_nor_notifies(
                 "once more"] == [r.getMessage() for r in caplog.records]
     finally:
         hub.engine.dispose()
+
+
+def test_a_release_holds_its_row_against_other_writers_while_it_decides(
+        instance: Instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between reading the row's status and writing its outcome, a `queue drop` or the serving
+    hub must not change it (it used to be read, then written: a lost update)."""
+    import sqlite3
+
+    from mailhub.deliver import queue
+    from mailhub.outbound import release as release_mod
+
+    hub = Hub(load_config(instance.config))
+    pipeline = OutboundPipeline(hub, CryptoEngine(0))
+    raw = (f"From: {COORD}\r\nTo: {CLINIC}\r\nSubject: labs\r\n"
+           "Message-ID: <r2@medvoyage.example>\r\n\r\nHb 13.2\r\n").encode()
+    sid = hub.spool.accept(Envelope(COORD, [CLINIC], "submission", auth_user=COORD), raw)
+    assert asyncio.run(pipeline.process_many("submission", [sid])) == {}
+    row = _row(hub)
+    assert row.status == "held"  # no key for the clinic
+    other_writer: list[str] = []
+    real_get_item = queue.get_item
+
+    def get_item_then_try_a_write(session: Session, item_id: int) -> OutboundItem:
+        got = real_get_item(session, item_id)
+        db = sqlite3.connect(hub.engine.url.database or "", timeout=0.2)
+        try:
+            db.execute("UPDATE outbound SET reason = 'dropped meanwhile' WHERE id = ?", (item_id,))
+            db.commit()
+            other_writer.append("wrote")
+        except sqlite3.OperationalError as exc:
+            other_writer.append(str(exc))
+        finally:
+            db.close()
+        return got
+
+    monkeypatch.setattr(release_mod.queue, "get_item", get_item_then_try_a_write)
+    result = asyncio.run(release_mod.release_async(hub, pipeline, row.id or 0, actor="test"))
+    # the first read (loading the message) decides nothing and locks nothing; the second is the
+    # status check whose outcome is then written: no other writer gets in between
+    assert other_writer == ["wrote", "database is locked"]
+    assert result.status == "held" and "dropped meanwhile" not in _row(hub).reason
